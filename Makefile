@@ -1,0 +1,39 @@
+# The two front-door commands: `make reproduce` and `make test`. Both set up .venv themselves (idempotent:
+# the install is redone only when pyproject.toml or constraints.txt changed).
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PROFILE ?= default
+NB      ?=
+TORCH   := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup reproduce test lab clean-outputs constraints
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt $(TORCH)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+## make reproduce [PROFILE=smoke|default|paper] [NB=00_quickstart,...]: run notebooks with papermill
+reproduce: $(STAMP)
+	$(BIN)/python -m bilevel_ssl.reproduce --profile $(PROFILE) --nb '$(NB)'
+
+## make test: unit tests + nbval regression of the notebooks (smoke settings)
+test: $(STAMP)
+	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
+		--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+
+## make lab: JupyterLab on the repo with the project's environment
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=.
+
+## make constraints: record the exact versions of the current .venv (after a deliberate upgrade)
+constraints:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e ' > constraints.txt
+
+clean-outputs:
+	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -1,0 +1,117 @@
+"""Run configuration, validated before any compute.
+
+:class:`TrainConfig` holds everything the trainer needs.  :meth:`TrainConfig.from_dict` rejects unknown keys,
+wrong types (with a hint for YAML 1.1's ``1e-3``-is-a-string pitfall), out-of-range numbers and unknown names,
+each error naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .augment import PRESETS
+from .data import DATASETS
+from .models import BACKBONES
+from .objectives import OBJECTIVES
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "constant")
+DEVICES = ("cpu", "cuda", "auto")
+from .meta import META_METHODS as _META
+
+META_METHODS = tuple(_META)
+
+
+class ConfigError(ValueError):
+    """A bad parameter: the message names the key and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    # what is trained
+    objective: str = "simclr"
+    meta: str = "none"
+    backbone: str = "conv4"
+    width: int = 64                 # conv4 channels (= feature size)
+    proj_hidden: int = 512
+    proj_dim: int = 128
+    temperature: float = 0.5
+    augment: str = "mnistm"         # augmentation preset (bilevel_ssl.augment.PRESETS)
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    lr: float = 0.3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    # run
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_every: int = 0       # epochs between checkpoints; 0 = only when the run ends
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # objective-specific options, passed to the objective
+
+    # ---------------------------------------------------------------- validation
+    _CHOICES = {"objective": tuple(OBJECTIVES), "meta": META_METHODS, "backbone": BACKBONES,
+                "augment": tuple(PRESETS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "device": DEVICES}
+    _POSITIVE = ("width", "proj_hidden", "proj_dim", "temperature", "epochs", "batch_size", "lr")
+    _NON_NEGATIVE = ("momentum", "weight_decay", "warmup_epochs", "checkpoint_every", "seed")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        for key, allowed in self._CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}: unknown value {getattr(self, key)!r}; allowed: {', '.join(allowed)}")
+        for key in self._POSITIVE:
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be > 0, got {getattr(self, key)!r}")
+        for key in self._NON_NEGATIVE:
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)!r}")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ConfigError(f"warmup_epochs: must be < epochs ({self.epochs}), got {self.warmup_epochs}")
+        if self.batch_size < 2:
+            raise ConfigError(f"batch_size: contrastive objectives need >= 2 samples per batch, got {self.batch_size}")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        unknown = sorted(set(d) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown}; allowed: {', '.join(cls.keys())}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device: 'cuda' was asked for but torch.cuda.is_available() is False; allowed here: cpu, auto")
+        return self.device
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> None:
+    expected = _TYPES[annotation if isinstance(annotation, str) else annotation.__name__]
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        hint = ""
+        if expected is float and isinstance(value, str):
+            hint = " (YAML 1.1 reads 1e-3 as a string: write 1.0e-3)"
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}{hint}")

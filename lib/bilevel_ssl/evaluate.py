@@ -1,0 +1,126 @@
+"""Evaluators of frozen encoders: k-NN, linear probe, few-shot episodes, confidence intervals.
+
+All of them take *features* (``extract_features`` computes them once, in eval mode) so that one forward pass
+serves every protocol.  Classifiers come from scikit-learn.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data import ImageSet, to_channels
+
+
+@torch.no_grad()
+def extract_features(encoder: torch.nn.Module, data: ImageSet | Tensor, *, device: str | torch.device = "cpu",
+                     batch_size: int = 512) -> np.ndarray:
+    """Backbone features of every image, in eval mode (BatchNorm running statistics), as float32 numpy.
+
+    ``data``: an ImageSet (uint8) or a float tensor in [0, 1].  Gray/RGB is adapted to the encoder's input
+    channels.  The encoder's train/eval mode is restored afterwards.
+    """
+    images = data.images if isinstance(data, ImageSet) else data
+    want = encoder.spec["in_channels"] if hasattr(encoder, "spec") else images.shape[1]
+    if images.dtype == torch.uint8:
+        images = to_channels(images, want)
+    elif images.shape[1] != want:
+        images = to_channels((images * 255).round().to(torch.uint8), want)
+    was_training = encoder.training
+    encoder.eval().to(device)
+    feats = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device)
+        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        feats.append(encoder(x).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(feats).numpy()
+
+
+def raw_pixels(data: ImageSet) -> np.ndarray:
+    """The raw-pixel baseline: flattened images in [0, 1]."""
+    return data.images.flatten(1).float().div(255).numpy()
+
+
+def knn_accuracy(train_x: np.ndarray, train_y, test_x: np.ndarray, test_y, *, k: int = 5, weighted: bool = False,
+                 temperature: float = 0.07) -> float:
+    """k-NN top-1 accuracy with cosine similarity.
+
+    Plain: majority vote of the k nearest.  ``weighted``: votes weighted by ``exp(sim / temperature)`` as in
+    Wu et al. (2018) and the DINO / solo-learn k-NN monitor (τ = 0.07).
+    """
+    from sklearn.neighbors import KNeighborsClassifier
+
+    weights = (lambda d: np.exp((1.0 - d) / temperature)) if weighted else "uniform"
+    clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights=weights, algorithm="brute")
+    return float(clf.fit(train_x, np.asarray(train_y)).score(test_x, np.asarray(test_y)))
+
+
+def linear_probe(train_x: np.ndarray, train_y, test_x: np.ndarray, test_y, *, C: float = 1.0,
+                 max_iter: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Logistic regression on standardised frozen features (the linear-evaluation protocol at small scale:
+    a convex L-BFGS fit instead of 500 SGD epochs).  Returns top-1 and top-5 accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import top_k_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
+    clf.fit(train_x, np.asarray(train_y))
+    proba = clf.predict_proba(test_x)
+    labels = clf.classes_
+    top5 = top_k_accuracy_score(test_y, proba, k=min(5, len(labels) - 1), labels=labels) if len(labels) > 2 else float("nan")
+    return {"top1": float(clf.score(test_x, np.asarray(test_y))), "top5": float(top5)}
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and half-width of the 95% confidence interval (Student t; 0 for a single value)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), 0.0
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def few_shot(features: np.ndarray, labels, *, n_way: int = 5, k_shot: int = 5, n_query: int = 15,
+             n_episodes: int = 600, seed: int = 0, classifier: str = "logreg") -> dict[str, float]:
+    """N-way K-shot episodes on (novel-class) features: mean accuracy ± 95% CI over episodes.
+
+    Each episode draws ``n_way`` classes, ``k_shot`` support and ``n_query`` query images per class (disjoint).
+    ``classifier``: ``logreg`` - logistic regression on L2-normalised features (Tian et al. 2020, "Rethinking
+    few-shot"); ``prototype`` - nearest class mean by cosine similarity (Snell et al. 2017).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    if classifier not in ("logreg", "prototype"):
+        raise ValueError(f"classifier: unknown {classifier!r}; allowed: logreg, prototype")
+    y = np.asarray(labels)
+    classes = np.unique(y)
+    if n_way > len(classes):
+        raise ValueError(f"n_way: {n_way} exceeds the {len(classes)} classes available; allowed: 2..{len(classes)}")
+    by_class = {c: np.flatnonzero(y == c) for c in classes}
+    short = [int(c) for c in classes if len(by_class[c]) < k_shot + n_query]
+    if short:
+        raise ValueError(f"k_shot + n_query = {k_shot + n_query} exceeds the images of classes {short}")
+    x = features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-12)
+    rng = np.random.default_rng(seed)
+    accs = np.empty(n_episodes)
+    for e in range(n_episodes):
+        chosen = rng.choice(classes, n_way, replace=False)
+        s_idx, q_idx = [], []
+        for c in chosen:
+            idx = rng.choice(by_class[c], k_shot + n_query, replace=False)
+            s_idx.append(idx[:k_shot])
+            q_idx.append(idx[k_shot:])
+        s_idx, q_idx = np.concatenate(s_idx), np.concatenate(q_idx)
+        s_y, q_y = np.repeat(np.arange(n_way), k_shot), np.repeat(np.arange(n_way), n_query)
+        if classifier == "prototype":
+            protos = x[s_idx].reshape(n_way, k_shot, -1).mean(1)
+            pred = (x[q_idx] @ protos.T).argmax(1)
+        else:
+            pred = LogisticRegression(max_iter=1000).fit(x[s_idx], s_y).predict(x[q_idx])
+        accs[e] = (pred == q_y).mean()
+    mean, ci = mean_ci95(accs)
+    return {"mean": mean, "ci95": ci, "episodes": n_episodes}

@@ -1,0 +1,131 @@
+"""Run the notebooks with papermill: ``python -m bilevel_ssl.reproduce [--profile default] [--nb 00_quickstart]``.
+
+Each ``notebooks/<name>.ipynb`` runs with ``params/<profile>/<name>.yaml`` (plus ``profile``) and is written,
+executed, to ``outputs/<name>/<profile>/<name>.ipynb``; the notebook itself writes ``metrics.json`` and figures
+there.  All params files are validated against the notebooks' parameters cells *before* anything runs.  A
+failing notebook stops the run with exit status 1; its partially executed copy stays in place (papermill saves
+after every cell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .paths import outputs_dir, repo_root
+
+PROFILES = ("smoke", "default", "paper")
+
+# papermill's inferred type names -> Python types accepted for them (an int is a valid float).
+_TYPE_NAMES = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,), "list": (list,),
+               "dict": (dict,)}
+
+
+def notebooks_dir() -> Path:
+    return repo_root() / "notebooks"
+
+
+def list_notebooks() -> list[str]:
+    return sorted(p.stem for p in notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+
+
+def params_path(name: str, profile: str) -> Path:
+    return repo_root() / "params" / profile / f"{name}.yaml"
+
+
+def notebook_parameters(name: str) -> dict[str, dict]:
+    """The parameters cell of a notebook: ``{name: {"inferred_type_name", "default", "help"}}``."""
+    import papermill
+
+    return papermill.inspect_notebook(str(notebooks_dir() / f"{name}.ipynb"))
+
+
+def load_params(path: Path) -> dict:
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of parameter names to values, got {type(data).__name__}")
+    return data
+
+
+def validate_params(name: str, params: dict, *, where: str = "") -> list[str]:
+    """Errors (empty if fine) of ``params`` against notebook ``name``'s parameters cell: unknown names, and values
+    whose type does not match the annotation (with the YAML 1.1 ``1e-3``-is-a-string hint)."""
+    spec = notebook_parameters(name)
+    where = where or name
+    errors = []
+    for key, value in params.items():
+        if key not in spec:
+            errors.append(f"{where}: unknown parameter {key!r}; allowed: {', '.join(spec)}")
+            continue
+        tname = (spec[key]["inferred_type_name"] or "None").split("[")[0].strip()
+        allowed = _TYPE_NAMES.get(tname)
+        if allowed is None:
+            errors.append(f"{where}: parameter {key!r} has no type annotation in the notebook; add one")
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            hint = " (YAML 1.1 reads 1e-3 as a string: write 1.0e-3)" if tname == "float" and isinstance(value, str) else ""
+            errors.append(f"{where}: parameter {key!r} must be {tname}, got {type(value).__name__} {value!r}{hint}")
+    return errors
+
+
+def run(names: list[str], profile: str, *, log_output: bool = False) -> int:
+    plan = []
+    errors = []
+    for name in names:
+        path = params_path(name, profile)
+        if not path.exists():
+            errors.append(f"{name}: no params file {path.relative_to(repo_root())}")
+            continue
+        params = {**load_params(path), "profile": profile}
+        errors += validate_params(name, params, where=str(path.relative_to(repo_root())))
+        plan.append((name, params))
+    if errors:
+        print("Invalid parameters; nothing was run:\n  " + "\n  ".join(errors), file=sys.stderr)
+        return 2
+
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    timings = {}
+    for name, params in plan:
+        out = outputs_dir() / name / profile / f"{name}.ipynb"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[reproduce] {name} ({profile}) -> {out.relative_to(repo_root())}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            papermill.execute_notebook(str(notebooks_dir() / f"{name}.ipynb"), str(out), parameters=params,
+                                       kernel_name="python3", cwd=str(repo_root()), log_output=log_output,
+                                       progress_bar=False)
+        except PapermillExecutionError as err:
+            print(f"[reproduce] {name} FAILED in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+                  f"  partial output: {out}", file=sys.stderr)
+            return 1
+        timings[name] = time.perf_counter() - t0
+        print(f"[reproduce] {name} done in {timings[name]:.0f} s", flush=True)
+    print(f"[reproduce] all done in {sum(timings.values()):.0f} s: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bilevel_ssl.reproduce", description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", default="default", choices=PROFILES)
+    ap.add_argument("--nb", default="", help="comma-separated notebook names (default: all, in order)")
+    ap.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
+    args = ap.parse_args(argv)
+    available = list_notebooks()
+    names = [n.strip().removesuffix(".ipynb") for n in args.nb.split(",") if n.strip()] or available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        print(f"NB: unknown notebook(s) {unknown}; allowed: {', '.join(available)}", file=sys.stderr)
+        return 2
+    return run(names, args.profile, log_output=args.log_output)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The one trainer: every objective and meta-method trains through :func:`train`.
+
+Determinism: the network is initialised under ``torch.manual_seed(seed)``; shuffling and augmentation draw from
+one CPU ``torch.Generator`` seeded with ``seed + 1`` whose state is saved in every checkpoint, so the same seed
+gives the same numbers on CPU, and a resumed run continues exactly where an uninterrupted one would be.
+
+Checkpoints (``<out_dir>/checkpoint.pt``, written atomically) hold network, optimizer, schedule, generator and
+history; they are written every ``checkpoint_every`` epochs and at the end.  The trained backbone alone is saved
+to ``<out_dir>/encoder.pt`` (:func:`bilevel_ssl.models.load_encoder`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .augment import make_views, preset
+from .config import ConfigError, TrainConfig
+from .data import ImageSet
+from .meta import SSLNet, make_meta
+from .models import make_backbone, save_encoder
+from .objectives import make_objective
+
+CHECKPOINT = "checkpoint.pt"
+ENCODER = "encoder.pt"
+
+
+@dataclass
+class TrainResult:
+    net: SSLNet
+    history: list[dict]
+    out_dir: Path | None
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.net.backbone
+
+
+def build_net(cfg: TrainConfig, in_channels: int) -> tuple[SSLNet, object]:
+    """The objective and the network it trains, initialised under ``cfg.seed``."""
+    objective = make_objective(cfg.objective, temperature=cfg.temperature, proj_hidden=cfg.proj_hidden,
+                               proj_dim=cfg.proj_dim, **cfg.extra)
+    torch.manual_seed(cfg.seed)
+    kwargs = {"width": cfg.width} if cfg.backbone == "conv4" else {}
+    backbone = make_backbone(cfg.backbone, in_channels, **kwargs)
+    return SSLNet(backbone, objective.heads(backbone.feature_dim)), objective
+
+
+def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` (or constant)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *, resume: bool = True,
+          callbacks: tuple[Callable[[int, dict], None], ...] = ()) -> TrainResult:
+    """Self-supervised training on ``data.images`` (labels are never read).
+
+    ``out_dir``: where checkpoints and the encoder go (None: keep nothing on disk).  ``resume``: continue from
+    ``out_dir/checkpoint.pt`` if it exists.  ``callbacks``: ``f(epoch, record)`` after each epoch's checkpoint.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg: expected TrainConfig, got {type(cfg).__name__}")
+    n = len(data)
+    if cfg.batch_size > n:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the {n} training images; allowed: 2..{n}")
+    device = torch.device(cfg.resolved_device())
+    aug = preset(cfg.augment)
+
+    net, objective = build_net(cfg, data.channels)
+    net.to(device)
+    meta = make_meta(cfg.meta, objective)
+    opt = _optimizer(cfg, net.parameters())
+    steps_per_epoch = n // cfg.batch_size  # drop_last: every step sees a full batch (BatchNorm, negatives)
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, cfg.warmup_epochs * steps_per_epoch, cfg.schedule))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    history: list[dict] = []
+    start_epoch = 0
+
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_path = out / CHECKPOINT
+        if resume and ckpt_path.exists():
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+            if ckpt["config"] != cfg.to_dict():
+                raise ConfigError(f"resume: {ckpt_path} was written with other parameters; use another out_dir "
+                                  f"or resume=False (differing keys: "
+                                  f"{sorted(k for k in ckpt['config'] if ckpt['config'][k] != cfg.to_dict().get(k))})")
+            net.load_state_dict(ckpt["net"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            gen.set_state(ckpt["generator"])
+            history, start_epoch = ckpt["history"], ckpt["epoch"]
+
+    images = data.images.to(device)
+    net.train()
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.objective}/{cfg.meta}", disable=not cfg.progress,
+               initial=start_epoch, total=cfg.epochs, unit="epoch")
+    for epoch in bar:
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen)
+        logs: dict[str, float] = {}
+        for step in range(steps_per_epoch):
+            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
+            x = images[idx].float().div_(255)
+            views = make_views(x, objective.n_views, aug, gen)
+            opt.zero_grad(set_to_none=True)
+            step_logs = meta.compute_grads(net, views)
+            for k, v in step_logs.items():
+                if not math.isfinite(v):
+                    raise FloatingPointError(f"epoch {epoch + 1} step {step + 1}: {k} = {v}; "
+                                             f"last good checkpoint: {out / CHECKPOINT if out else 'none'}")
+                logs[k] = logs.get(k, 0.0) + v / steps_per_epoch
+            opt.step()
+            sched.step()
+        record = {"epoch": epoch + 1, **logs, "lr": opt.param_groups[0]["lr"],
+                  "time_s": time.perf_counter() - t0}
+        history.append(record)
+        bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+        if out is not None and ((cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)
+                                or epoch + 1 == cfg.epochs):
+            _save_atomic({"config": cfg.to_dict(), "net": net.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "generator": gen.get_state(), "history": history,
+                          "epoch": epoch + 1}, out / CHECKPOINT)
+        for cb in callbacks:
+            cb(epoch + 1, record)
+    bar.close()
+    if out is not None:
+        save_encoder(net.backbone, out / ENCODER, objective=cfg.objective, meta=cfg.meta, epochs=cfg.epochs)
+    return TrainResult(net, history, out)

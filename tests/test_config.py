@@ -1,0 +1,49 @@
+import pytest
+
+from bilevel_ssl.config import ConfigError, TrainConfig
+from bilevel_ssl.trainer import train
+
+BAD = [
+    ({"objective": "simclr2"}, r"objective: unknown value 'simclr2'; allowed: simclr"),
+    ({"meta": "maml"}, r"meta: unknown value 'maml'; allowed: none"),
+    ({"backbone": "vit"}, r"backbone: unknown value 'vit'; allowed: conv4, resnet18, resnet50"),
+    ({"augment": "svhn"}, r"augment: unknown value 'svhn'; allowed: cifar, stl10, imagenet, mnist, mnistm"),
+    ({"optimizer": "lbfgs"}, r"optimizer: unknown value 'lbfgs'; allowed: sgd, adam, adamw"),
+    ({"schedule": "step"}, r"schedule: unknown value 'step'; allowed: cosine, constant"),
+    ({"device": "tpu"}, r"device: unknown value 'tpu'; allowed: cpu, cuda, auto"),
+    ({"lr": 0.0}, r"lr: must be > 0"),
+    ({"lr": -0.1}, r"lr: must be > 0"),
+    ({"lr": "1e-3"}, r"lr: expected float, got str '1e-3' \(YAML 1.1 reads 1e-3 as a string"),
+    ({"epochs": 2.5}, r"epochs: expected int, got float"),
+    ({"epochs": True}, r"epochs: expected int, got bool"),
+    ({"batch_size": 1}, r"batch_size: contrastive objectives need >= 2"),
+    ({"temperature": 0}, r"temperature: must be > 0"),
+    ({"weight_decay": -1e-4}, r"weight_decay: must be >= 0"),
+    ({"warmup_epochs": 10, "epochs": 10}, r"warmup_epochs: must be < epochs"),
+    ({"lr_max": 0.1}, r"unknown key\(s\) \['lr_max'\]; allowed: objective, meta"),
+]
+
+
+@pytest.mark.parametrize("params,message", BAD, ids=[next(iter(p)) for p, _ in BAD])
+def test_bad_params_are_rejected_with_key_and_allowed_values(params, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(params)
+
+
+def test_ints_are_valid_floats_and_roundtrip():
+    cfg = TrainConfig.from_dict({"lr": 1, "epochs": 3})
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_batch_larger_than_data_rejected_before_compute(tiny):
+    with pytest.raises(ConfigError, match=r"batch_size: 512 is larger than the 96 training images"):
+        train(TrainConfig(batch_size=512, progress=False), tiny)
+
+
+def test_cuda_requested_without_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device: 'cuda' was asked for"):
+        TrainConfig(device="cuda").resolved_device()
+    assert TrainConfig(device="auto").resolved_device() == "cpu"

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from bilevel_ssl.meta import SSLNet
+from bilevel_ssl.models import MLPHead, load_encoder, make_backbone, save_encoder
+
+
+@pytest.mark.parametrize("size,channels", [(28, 3), (28, 1), (32, 3), (84, 3)])
+def test_conv4_feature_size_independent_of_input(size, channels):
+    net = make_backbone("conv4", channels, width=16)
+    assert net(torch.rand(2, channels, size, size)).shape == (2, 64) and net.feature_dim == 64
+
+
+def test_conv4_keeps_the_2x2_map_of_small_inputs():
+    net = make_backbone("conv4", 1, width=4)
+    x = torch.rand(3, 1, 28, 28)
+    assert net.features(x).shape[-2:] == (2, 2)
+    torch.testing.assert_close(net(x), net.features(x).flatten(1))  # = the classic C4 flatten
+    assert make_backbone("conv4", 1, width=4, pool_size=1).feature_dim == 4
+
+
+def test_resnet18_small_stem_keeps_resolution():
+    net = make_backbone("resnet18", 3)
+    assert net.conv1.stride == (1, 1) and isinstance(net.maxpool, torch.nn.Identity)
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 512) and net.feature_dim == 512
+    assert make_backbone("resnet50", 1).feature_dim == 2048
+
+
+def test_unknown_backbone():
+    with pytest.raises(ValueError, match="allowed: conv4, resnet18, resnet50"):
+        make_backbone("vgg", 3)
+
+
+def test_mlp_head_shapes():
+    head = MLPHead(16, 32, 8, layers=3)
+    assert head(torch.rand(4, 16)).shape == (4, 8)
+    assert sum(isinstance(m, torch.nn.Linear) for m in head.modules()) == 3
+
+
+def test_save_load_encoder_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    net = make_backbone("conv4", 3, width=8)
+    net(torch.rand(16, 3, 28, 28))  # update BN running stats, which must be saved too
+    ssl = SSLNet(net, torch.nn.ModuleDict({"projector": MLPHead(8, 8, 4)}))
+    path = save_encoder(ssl.backbone, tmp_path / "enc.pt", epochs=3)
+    loaded = load_encoder(path)
+    x = torch.rand(4, 3, 28, 28)
+    assert not loaded.training
+    torch.testing.assert_close(loaded(x), net.eval()(x))
+    blob = torch.load(path, weights_only=True)
+    assert set(blob) == {"spec", "state_dict", "meta"} and blob["meta"]["epochs"] == 3
+    assert not any(k.startswith("heads") for k in blob["state_dict"])

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from bilevel_ssl.config import ConfigError, TrainConfig
+from bilevel_ssl.models import load_encoder
+from bilevel_ssl.trainer import CHECKPOINT, ENCODER, lr_factor, train
+
+
+def cfg(**kw):
+    base = dict(epochs=3, batch_size=32, width=16, proj_hidden=32, proj_dim=16, lr=0.05, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(result):
+    return torch.cat([p.detach().flatten() for p in result.net.state_dict().values() if p.is_floating_point()])
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tiny):
+    a, b, c = train(cfg(seed=1), tiny), train(cfg(seed=1), tiny), train(cfg(seed=2), tiny)
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    assert torch.equal(weights(a), weights(b))
+    assert not torch.equal(weights(a), weights(c))
+
+
+def test_history_records_each_epoch_and_schedule(tiny):
+    res = train(cfg(epochs=4, warmup_epochs=1), tiny)
+    assert [r["epoch"] for r in res.history] == [1, 2, 3, 4]
+    assert all(r["loss"] > 0 and r["time_s"] > 0 for r in res.history)
+    lrs = [r["lr"] for r in res.history]
+    assert lrs[1] > lrs[2] > lrs[3] == 0.0  # cosine to zero after warm-up
+
+
+def test_lr_factor_warmup_then_cosine():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0)
+    assert lr_factor(50, 100, 0, "constant") == 1.0
+
+
+def test_training_lowers_the_loss(tiny):
+    res = train(cfg(epochs=8, lr=0.1), tiny)
+    assert res.history[-1]["loss"] < res.history[0]["loss"] - 0.05
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_ends_where_uninterrupted_run_ends(tiny, tmp_path):
+    full = train(cfg(epochs=4, checkpoint_every=1), tiny, tmp_path / "full")
+
+    def kill_after_two(epoch, record):
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg(epochs=4, checkpoint_every=1), tiny, tmp_path / "resumed", callbacks=(kill_after_two,))
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)["epoch"] == 2
+    resumed = train(cfg(epochs=4, checkpoint_every=1), tiny, tmp_path / "resumed")
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+    assert torch.equal(weights(resumed), weights(full))
+    # the saved encoder is the trained backbone
+    enc = load_encoder(tmp_path / "resumed" / ENCODER)
+    x = torch.rand(4, 3, 28, 28)
+    torch.testing.assert_close(enc(x), full.backbone.eval()(x))
+
+
+def test_resume_refuses_other_parameters(tiny, tmp_path):
+    train(cfg(epochs=1), tiny, tmp_path)
+    with pytest.raises(ConfigError, match=r"resume: .*differing keys: \['lr'\]"):
+        train(cfg(epochs=1, lr=0.2), tiny, tmp_path)
+
+
+def test_non_finite_loss_stops_with_step_named_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    from bilevel_ssl.objectives import SimCLR
+
+    calls = {"n": 0}
+    real = SimCLR.loss
+
+    def loss_nan_on_fifth_call(self, z):
+        calls["n"] += 1
+        out = real(self, z)
+        return out * float("nan") if calls["n"] == 5 else out
+
+    monkeypatch.setattr(SimCLR, "loss", loss_nan_on_fifth_call)
+    with pytest.raises(FloatingPointError, match=r"epoch 2 step 2: loss = nan; last good checkpoint: .*checkpoint.pt"):
+        train(cfg(epochs=3, checkpoint_every=1), tiny, tmp_path)  # 96 images / 32 = 3 steps per epoch
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["epoch"] == 1
