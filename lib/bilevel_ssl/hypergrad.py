@@ -1,0 +1,630 @@
+"""Hypergradient engines for one bi-level step: inner descent on the support set, outer loss on the query set.
+
+Notation (GeSSL §3.2, Eq. 4-5; note that GeSSL's App. G.4 calls the upper-level parameters θ and the lower-level
+ones φ, the opposite of here):
+
+* ``theta`` θ - *inner* parameters, adapted by the inner loop (GeSSL: encoder f + projector).
+* ``phi`` φ - *outer-only* parameters, fixed during the inner loop (GeSSL: threshold network g).
+* ``inner_loss(theta, phi)`` L_in (support set), ``outer_loss(theta, phi)`` L_out (query set); both are closures
+  over lists of tensors that return a scalar.  Modules are evaluated inside them with
+  ``torch.func.functional_call(module, dict(zip(names, theta)), x)``; the engines only use
+  ``torch.autograd.grad`` (``torch.func.grad`` rejects train-mode BatchNorm).
+* θ' = θ_ς, with θ_{k+1} = θ_k − α ∇_θ L_in(θ_k, φ), θ_0 = θ, ς = ``inner_steps``, α = ``inner_lr`` (GeSSL Eq. 4).
+
+Every engine returns an estimate of the meta-gradient of F(θ, φ) = L_out(θ'(θ, φ), φ) with respect to the
+*initial* θ (MAML-style; GeSSL Eq. 5 updates f this way) and to φ, together with θ' and a dict of floats to log.
+The caller writes them into ``.grad`` (:func:`set_grads`) and steps its own optimizer.
+
+Which engine is exact when:
+
+* ``second_order`` - exact for every ς (reverse mode through the unrolled inner loop).
+* ``aid_fd`` - exact up to the finite-difference error O(ε²) (zero for quadratic L_in) for every ς; it is the
+  reverse pass of ``second_order`` with every Hessian-vector product replaced by a central difference of gradients.
+* ``aid_cg`` / ``aid_neumann`` - the φ-gradient is exact (up to solver error) in the limit where θ' is the
+  minimiser of L_in(·, φ) with a positive definite Hessian (implicit function theorem), i.e. ς → ∞.  Their θ-gradient
+  is the first-order one (see :class:`AidCG`).
+* ``first_order`` - exact only if θ' does not depend on θ and φ (never, for ς ≥ 1); φ then receives only ∂_φ L_out.
+* ``momentum_proxy`` - GeSSL App. C: θ' is an EMA copy; no gradient flows through it at all.
+
+The functional core (:func:`hvp`, :func:`mixed_hvp`, :func:`inner_hessian`, :func:`conjugate_gradient`,
+:func:`neumann_inverse`) works on lists of tensors and is shared with BiSSL's implicit upper-level gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "HyperGrad",
+    "InnerHessian",
+    "inner_hessian",
+    "hvp",
+    "mixed_hvp",
+    "conjugate_gradient",
+    "neumann_inverse",
+    "SecondOrder",
+    "FirstOrder",
+    "AidFD",
+    "AidCG",
+    "AidNeumann",
+    "MomentumProxy",
+    "ENGINES",
+    "make_engine",
+    "hypergradient",
+    "set_grads",
+]
+
+Params = Sequence[Tensor]
+LossFn = Callable[[list, list], Tensor]          # (theta, phi) -> scalar
+MatVec = Callable[[list], list]                  # list[Tensor] -> list[Tensor]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# small list-of-tensors helpers
+
+
+def _leaves(ts: Params) -> list[Tensor]:
+    """Fresh autograd leaves sharing no graph with the caller's tensors (storage is shared; nothing writes to it)."""
+    return [t.detach().requires_grad_(True) for t in ts]
+
+
+def _grad(loss: Tensor, inputs: Sequence[Tensor], *, create_graph: bool = False, retain_graph: bool | None = None
+          ) -> list[Tensor]:
+    """``torch.autograd.grad`` that returns exact zeros for inputs the loss does not depend on."""
+    inputs = list(inputs)
+    if not inputs:
+        return []
+    if not loss.requires_grad:
+        return [torch.zeros_like(t) for t in inputs]
+    gs = torch.autograd.grad(loss, inputs, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs)]
+
+
+def _dot(a: Params, b: Params) -> Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def _norm(a: Params) -> Tensor:
+    return torch.sqrt(sum((x.detach() * x.detach()).sum() for x in a))
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, and 0 where den == 0 (a converged CG block, or a zero operator)."""
+    ok = den != 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _check_like(name: str, v: Params, ref: Params) -> list[Tensor]:
+    v = list(v)
+    if len(v) != len(ref) or any(a.shape != b.shape for a, b in zip(v, ref)):
+        raise ValueError(f"hypergrad: {name} must match the parameter list in length and shapes; got "
+                         f"{[tuple(a.shape) for a in v]} for {[tuple(b.shape) for b in ref]}")
+    return v
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hessian-vector products (double backward)
+
+
+class InnerHessian:
+    """Second derivatives of ``loss_fn(theta, phi)`` at one point, sharing one gradient graph.
+
+    ∇_θ L is computed once with ``create_graph=True``; then every :meth:`hvp` (∇²_θθ L · v) and :meth:`mixed`
+    (∇²_φθ L · v = ∇_φ ⟨∇_θ L, v⟩) is one backward pass through that graph - the double backward of the BiSSL
+    authors (``grad(loss, params, create_graph=True)``, then ``grad(Σ g·v, params)``; reference-facts, BiSSL).
+    Evaluating ``loss_fn`` once also means one batch (and one BatchNorm batch) serves all products.
+    Results are detached.
+    """
+
+    def __init__(self, loss_fn: LossFn, theta: Params, phi: Params = ()):
+        self.theta = _leaves(theta)
+        self.phi = _leaves(phi)
+        loss = loss_fn(self.theta, self.phi)
+        self.loss = float(loss.detach())
+        self._g = _grad(loss, self.theta, create_graph=True)
+        self.grad_theta = [g.detach() for g in self._g]
+
+    def _backward(self, v: Params, inputs: list[Tensor]) -> list[Tensor]:
+        v = _check_like("v", v, self.theta)
+        pairs = [(g, x) for g, x in zip(self._g, v) if g.requires_grad]
+        if not pairs or not inputs:
+            return [torch.zeros_like(t) for t in inputs]
+        out = torch.autograd.grad([g for g, _ in pairs], inputs, grad_outputs=[x.detach() for _, x in pairs],
+                                  retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(t) if o is None else o.detach() for o, t in zip(out, inputs)]
+
+    def hvp(self, v: Params) -> list[Tensor]:
+        """∇²_θθ L · v (shaped like θ)."""
+        return self._backward(v, self.theta)
+
+    def mixed(self, v: Params) -> list[Tensor]:
+        """∇²_φθ L · v = ∇_φ ⟨∇_θ L, v⟩ (v shaped like θ, result shaped like φ)."""
+        return self._backward(v, self.phi)
+
+
+def inner_hessian(loss_fn: LossFn, theta: Params, phi: Params = ()) -> InnerHessian:
+    """Build an :class:`InnerHessian` of ``loss_fn(theta, phi)`` at (θ, φ)."""
+    return InnerHessian(loss_fn, theta, phi)
+
+
+def hvp(loss_fn: Callable[[list], Tensor], params: Params, v: Params) -> list[Tensor]:
+    """Hessian-vector product ∇²L(params) · v by double backward.  Cost: 1 forward, 1 backward with
+    ``create_graph=True``, 1 backward through that graph (≈ 2-3 backward passes in all)."""
+    return InnerHessian(lambda th, _ph: loss_fn(th), params).hvp(v)
+
+
+def mixed_hvp(loss_fn: LossFn, theta: Params, phi: Params, v: Params) -> list[Tensor]:
+    """Mixed second-derivative product ∇²_φθ L(θ, φ) · v = ∇_φ ⟨∇_θ L, v⟩, with v shaped like θ; the result is
+    shaped like φ (zeros where ∇_θ L does not depend on φ)."""
+    return InnerHessian(loss_fn, theta, phi).mixed(v)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# linear solvers on lists of tensors
+
+
+def _cg(matvec: MatVec, b: Params, iters: int, damping: float, layerwise: bool) -> tuple[list[Tensor], list[Tensor]]:
+    b = [t.detach() for t in b]
+    x = [torch.zeros_like(t) for t in b]
+    r = [t.clone() for t in b]                      # r = b − (A + λI) x₀ with x₀ = 0
+    d = [t.clone() for t in r]
+    rr = [(t * t).sum() for t in r]
+    for _ in range(iters):
+        ad = [a.detach() + damping * di for a, di in zip(matvec(d), d)]
+        dad = [(di * a).sum() for di, a in zip(d, ad)]
+        if layerwise:                               # one α, β per tensor (BiSSL's default)
+            alpha = [_safe_div(n, m) for n, m in zip(rr, dad)]
+        else:                                       # α = rᵀr / Σ dᵀAd (BiSSL 2025-11)
+            alpha = [_safe_div(sum(rr), sum(dad))] * len(b)
+        x = [xi + a * di for xi, a, di in zip(x, alpha, d)]
+        r = [ri - a * adi for ri, a, adi in zip(r, alpha, ad)]
+        rr_new = [(t * t).sum() for t in r]
+        if layerwise:
+            beta = [_safe_div(n, o) for n, o in zip(rr_new, rr)]
+        else:
+            beta = [_safe_div(sum(rr_new), sum(rr))] * len(b)
+        d = [ri + bt * di for ri, bt, di in zip(r, beta, d)]
+        rr = rr_new
+    return [torch.nan_to_num(t) for t in x], r
+
+
+def conjugate_gradient(matvec: MatVec, b: Params, iters: int = 5, damping: float = 0.0, layerwise: bool = False
+                       ) -> list[Tensor]:
+    """Solve (A + damping·I) x = b by ``iters`` conjugate-gradient iterations from x₀ = 0 (cost: ``iters`` calls of
+    ``matvec``).  A must be symmetric positive definite for the usual guarantees (exact after n iterations for n
+    unknowns, in exact arithmetic).
+
+    ``layerwise=True`` keeps a separate step size α and β for each tensor of the list, as the BiSSL authors' default
+    (reference-facts, BiSSL); it is true CG for each block of a block-diagonal A, a heuristic otherwise.
+    Divisions by zero (a converged block, a zero operator) give a zero step, and the result passes through
+    ``nan_to_num`` as in BiSSL's code.
+    """
+    _check_int("iters", iters, 0)
+    _check_real("damping", damping, lo=0.0)
+    return _cg(matvec, b, iters, float(damping), bool(layerwise))[0]
+
+
+def neumann_inverse(matvec: MatVec, b: Params, iters: int, alpha: float) -> list[Tensor]:
+    """Truncated Neumann series x ≈ α Σ_{k=0}^{K} (I − αA)^k b ≈ A⁻¹ b with K = ``iters`` (cost: K calls of
+    ``matvec``).  Converges iff the spectral radius of I − αA is < 1, i.e. 0 < α < 2/λ_max for SPD A
+    (Lorraine et al. 2020, Eq. 9 and Alg. 3)."""
+    _check_int("iters", iters, 0)
+    _check_real("alpha", alpha, lo=0.0, lo_open=True)
+    p = [t.detach().clone() for t in b]
+    acc = [t.clone() for t in p]
+    for _ in range(iters):
+        p = [pi - alpha * a.detach() for pi, a in zip(p, matvec(p))]
+        acc = [ai + pi for ai, pi in zip(acc, p)]
+    return [alpha * a for a in acc]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_real(name: str, value, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                engine: str = "") -> float:
+    where = f"hypergrad: {engine + ' ' if engine else ''}option {name!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ValueError(f"{where} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{where} must be <= {hi}, got {value!r}")
+    return float(value)
+
+
+def _check_int(name: str, value, lo: int, engine: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        where = f"hypergrad: {engine + ' ' if engine else ''}option {name!r}"
+        raise ValueError(f"{where} must be an integer >= {lo}, got {value!r}")
+    return value
+
+
+def _check_bool(name: str, value, engine: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"hypergrad: {engine} option {name!r} must be True or False, got {value!r}")
+    return value
+
+
+def _check_problem(theta: Params, phi: Params, inner_lr, inner_steps) -> tuple[list[Tensor], list[Tensor]]:
+    theta, phi = list(theta), list(phi)
+    if not theta:
+        raise ValueError("hypergrad: theta must be a non-empty list of tensors")
+    for name, ts in (("theta", theta), ("phi", phi)):
+        for t in ts:
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise ValueError(f"hypergrad: {name} must be a list of floating-point tensors, got {type(t).__name__}"
+                                 + (f" of dtype {t.dtype}" if isinstance(t, Tensor) else ""))
+    _check_real("inner_lr", inner_lr, lo=0.0, lo_open=True)
+    _check_int("inner_steps", inner_steps, 1)
+    return theta, phi
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# engines
+
+
+@dataclass
+class HyperGrad:
+    """What an engine returns: gradients w.r.t. the initial θ and φ (shaped like them, detached), θ' and logs."""
+
+    theta_grads: list[Tensor]
+    phi_grads: list[Tensor]
+    theta_adapted: list[Tensor]
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+def _inner_descent(inner_loss: LossFn, theta: Params, phi: Params, lr: float, steps: int
+                   ) -> tuple[list[list[Tensor]], float]:
+    """ς plain gradient-descent steps without a graph; returns the trajectory [θ_0, ..., θ_ς] and L_in(θ_0, φ)."""
+    phi_d = [p.detach() for p in phi]
+    traj = [[t.detach() for t in theta]]
+    first = float("nan")
+    for k in range(steps):
+        cur = _leaves(traj[-1])
+        loss = inner_loss(cur, phi_d)
+        if k == 0:
+            first = float(loss.detach())
+        g = _grad(loss, cur)
+        traj.append([c.detach() - lr * gi for c, gi in zip(cur, g)])
+    return traj, first
+
+
+def _outer_grads(outer_loss: LossFn, theta_adapted: Params, phi: Params) -> tuple[list[Tensor], list[Tensor], float]:
+    """v = ∇_θ' L_out(θ', φ) and the direct ∂_φ L_out(θ', φ) (exact zeros if L_out does not use φ)."""
+    th, ph = _leaves(theta_adapted), _leaves(phi)
+    loss = outer_loss(th, ph)
+    gs = _grad(loss, th + ph)
+    return gs[:len(th)], gs[len(th):], float(loss.detach())
+
+
+class _Engine:
+    name = ""
+    OPTIONS: tuple[str, ...] = ()
+
+    def __call__(self, inner_loss: LossFn, outer_loss: LossFn, theta: Params, phi: Params, *, inner_lr: float,
+                 inner_steps: int = 1) -> HyperGrad:
+        theta, phi = _check_problem(theta, phi, inner_lr, inner_steps)
+        return self._run(inner_loss, outer_loss, theta, phi, float(inner_lr), inner_steps)
+
+    def _run(self, inner_loss, outer_loss, theta, phi, lr, steps) -> HyperGrad:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.OPTIONS)
+        return f"{type(self).__name__}({opts})"
+
+
+class SecondOrder(_Engine):
+    """Exact meta-gradient by reverse mode through the unrolled inner loop (GeSSL §3.2, Eq. 4-5: "the gradient ...
+    with respect to f involves both the first and second order derivatives"; App. G.4 "ITD-RMAD", Finn et al. 2017).
+
+    The ς inner steps are taken with ``create_graph=True``, then one ``torch.autograd.grad`` of L_out(θ_ς, φ) w.r.t.
+    (θ_0, φ) gives dF/dθ = Π_k (I − α∇²_θθ L_in(θ_k))ᵀ ∇L_out (in reverse order) and
+    dF/dφ = ∂_φ L_out − α Σ_k ∇²_φθ L_in(θ_k) · v_{k+1}.
+
+    Cost: ς forward + ς backward (with ``create_graph``) of L_in, 1 forward of L_out, then one backward through the
+    whole graph (≈ 1 backward of L_out + ς Hessian-vector products, each ≈ 2 backward passes).  Memory: all ς
+    inner graphs including their double-backward parts.
+    """
+
+    name = "second_order"
+
+    def _run(self, inner_loss, outer_loss, theta, phi, lr, steps):
+        th0, ph = _leaves(theta), _leaves(phi)
+        cur, first = th0, float("nan")
+        for k in range(steps):
+            loss = inner_loss(cur, ph)
+            if k == 0:
+                first = float(loss.detach())
+            g = _grad(loss, cur, create_graph=True)
+            cur = [c - lr * gi for c, gi in zip(cur, g)]
+        out = outer_loss(cur, ph)
+        gs = _grad(out, th0 + ph)
+        return HyperGrad([g.detach() for g in gs[:len(th0)]], [g.detach() for g in gs[len(th0):]],
+                         [c.detach() for c in cur], {"inner_loss": first, "outer_loss": float(out.detach())})
+
+
+class FirstOrder(_Engine):
+    """First-order approximation (FOMAML; GeSSL §3.2 with f' treated as a constant): θ' is computed by ς inner steps
+    and then treated as *independent of θ and φ*, so
+
+    * θ-gradient = ∇_θ' L_out(θ', φ)  (applied to the initial θ),
+    * φ-gradient = ∂_φ L_out(θ', φ) only - the *direct* dependence.
+
+    Consequence: if L_out does not depend on φ directly - GeSSL, where g enters only the inner loss through
+    L_disc (Eq. 3-4) - φ receives **exactly zero** gradient, so g is never trained by this engine.
+
+    Cost: ς (forward + backward) of L_in and 1 (forward + backward) of L_out; no second derivatives, one graph at a
+    time.
+    """
+
+    name = "first_order"
+
+    def _run(self, inner_loss, outer_loss, theta, phi, lr, steps):
+        traj, first = _inner_descent(inner_loss, theta, phi, lr, steps)
+        v, dphi, out = _outer_grads(outer_loss, traj[-1], phi)
+        return HyperGrad(v, dphi, traj[-1], {"inner_loss": first, "outer_loss": out})
+
+
+class AidFD(_Engine):
+    """Finite-difference hypergradient, DARTS-style (Liu et al. 2019, Eq. 7-8; GeSSL App. G.4 "AID-FD", the setting
+    GeSSL reports using, App. G.1 and the last paragraph of G.4).
+
+    With v = ∇_θ' L_out, one inner step gives dF/dφ = ∂_φ L_out − α ∇²_φθ L_in(θ, φ) · v and
+    dF/dθ = v − α ∇²_θθ L_in(θ, φ) · v.  Both second-order terms come from the *same two* gradient evaluations:
+
+        ∇²_{(θ,φ)θ} L_in · v ≈ [∇_{θ,φ} L_in(θ + εv, φ) − ∇_{θ,φ} L_in(θ − εv, φ)] / (2ε),   ε = r / ‖v‖,
+
+    with r = ``fd_r`` (DARTS: 0.01) and ‖v‖ the norm over all tensors of θ.  The central difference has error
+    O(ε²) and is exact (up to rounding) for quadratic L_in.  GeSSL's Eq. 25 writes a one-sided difference with θ and
+    φ swapped; we follow the cited source (DARTS Eq. 8).
+
+    ς > 1: the same reverse pass as ``second_order``, with each Hessian-vector product replaced by the central
+    difference at the stored iterate θ_k: for k = ς−1 … 0, φ-grad −= α FD_φ(θ_k, v), v ← v − α FD_θ(θ_k, v),
+    ε recomputed from the current ‖v‖.  This reduces to DARTS for ς = 1, stays exact for quadratics at any ς,
+    and needs no graph beyond one gradient at a time (it stores ς+1 copies of θ).  Applying the correction only at
+    the last step would differentiate w.r.t. θ_{ς−1} instead of the initial θ.
+
+    Cost: ς (F+B) of L_in for the trajectory, 1 (F+B) of L_out, 2ς (F+B) of L_in for the differences; no double
+    backward.  Note: L_in is evaluated 3ς times, so a train-mode BatchNorm inside it updates its running statistics
+    3ς times per call.
+    """
+
+    name = "aid_fd"
+    OPTIONS = ("fd_r",)
+
+    def __init__(self, *, fd_r: float = 0.01):
+        self.fd_r = _check_real("fd_r", fd_r, lo=0.0, lo_open=True, engine=self.name)
+
+    def _run(self, inner_loss, outer_loss, theta, phi, lr, steps):
+        traj, first = _inner_descent(inner_loss, theta, phi, lr, steps)
+        v, dphi, out = _outer_grads(outer_loss, traj[-1], phi)
+        eps_log = float("nan")
+        n = len(theta)
+        for k in range(steps - 1, -1, -1):
+            norm = float(_norm(v))
+            if norm == 0.0:                         # v = 0: every remaining product is zero
+                break
+            eps = self.fd_r / norm
+            if k == steps - 1:
+                eps_log = eps
+            grads = []
+            for sign in (1.0, -1.0):
+                th = _leaves([t + sign * eps * vi for t, vi in zip(traj[k], v)])
+                ph = _leaves(phi)
+                grads.append(_grad(inner_loss(th, ph), th + ph))
+            diff = [(gp - gm) / (2 * eps) for gp, gm in zip(*grads)]
+            dphi = [d - lr * h for d, h in zip(dphi, diff[n:])]
+            v = [vi - lr * h for vi, h in zip(v, diff[:n])]
+        return HyperGrad([t.detach() for t in v], [t.detach() for t in dphi], traj[-1],
+                         {"inner_loss": first, "outer_loss": out, "fd_eps": eps_log})
+
+
+class _Aid(_Engine):
+    """Shared implicit-differentiation core: θ' by ς plain steps, then the implicit function theorem at θ'."""
+
+    def _solve(self, H: InnerHessian, v: list[Tensor], lr: float) -> tuple[list[Tensor], dict[str, float]]:
+        raise NotImplementedError  # pragma: no cover
+
+    def _run(self, inner_loss, outer_loss, theta, phi, lr, steps):
+        traj, first = _inner_descent(inner_loss, theta, phi, lr, steps)
+        v, dphi, out = _outer_grads(outer_loss, traj[-1], phi)
+        H = inner_hessian(inner_loss, traj[-1], phi)
+        w, logs = self._solve(H, v, lr)
+        mixed = H.mixed(w)
+        phi_grads = [d - m for d, m in zip(dphi, mixed)]
+        logs = {"inner_loss": first, "inner_loss_adapted": H.loss, "inner_grad_norm": float(_norm(H.grad_theta)),
+                "outer_loss": out, **logs}
+        return HyperGrad(v, phi_grads, traj[-1], logs)
+
+
+class AidCG(_Aid):
+    """Approximate implicit differentiation with conjugate gradient (Rajeswaran et al. 2019; Grazzi et al. 2020;
+    GeSSL App. G.4 "AID-CG", Eq. 24).
+
+    Assumes θ' ≈ θ*(φ) = argmin_θ L_in(θ, φ), so ∇_θ L_in(θ*, φ) = 0 and, by the implicit function theorem,
+
+        dF/dφ = ∂_φ L_out − ∇²_φθ L_in · [∇²_θθ L_in]⁻¹ ∇_θ' L_out,      all at (θ', φ).
+
+    w = [∇²_θθ L_in + λI]⁻¹ v is found by ``cg_iters`` CG iterations (λ = ``cg_damping``, default 0; use λ > 0 when
+    L_in is not locally convex) on double-backward Hessian-vector products that share one gradient graph.
+    (GeSSL's Eq. 22-24 write this formula with the second derivatives dropped; we implement the standard one.)
+
+    θ-gradient: the first-order one, ∇_θ' L_out.  Implicit differentiation defines θ' through φ alone; at an exact
+    inner minimum θ' does not depend on the initialisation θ at all (dθ*/dθ = 0), and iMAML obtains a θ-dependence
+    only by adding a proximal term λ/2‖θ' − θ‖² to L_in (then dθ'/dθ = (I + H/λ)⁻¹, which callers can obtain with
+    :func:`conjugate_gradient`, as BiSSL does).  Returning ∇_θ' L_out keeps θ trained with the query loss, as
+    ``first_order`` does, while φ gets the implicit hypergradient.
+
+    Cost: ς (F+B) of L_in, 1 (F+B) of L_out, 1 F + 1 B with ``create_graph`` of L_in at θ', ``cg_iters`` + 1
+    backward passes through that gradient graph (≈ 2 backward passes each).
+    """
+
+    name = "aid_cg"
+    OPTIONS = ("cg_iters", "cg_damping", "cg_layerwise")
+
+    def __init__(self, *, cg_iters: int = 5, cg_damping: float = 0.0, cg_layerwise: bool = False):
+        self.cg_iters = _check_int("cg_iters", cg_iters, 1, engine=self.name)
+        self.cg_damping = _check_real("cg_damping", cg_damping, lo=0.0, engine=self.name)
+        self.cg_layerwise = _check_bool("cg_layerwise", cg_layerwise, self.name)
+
+    def _solve(self, H, v, lr):
+        w, r = _cg(H.hvp, v, self.cg_iters, self.cg_damping, self.cg_layerwise)
+        bn = float(_norm(v))
+        return w, {"cg_residual": float(_norm(r)) / bn if bn > 0 else 0.0}
+
+
+class AidNeumann(_Aid):
+    """Approximate implicit differentiation with a truncated Neumann series (Lorraine et al. 2020, Alg. 3; GeSSL
+    App. G.4 "AID-NMN", Eq. 23).  Same formula and same θ-gradient as :class:`AidCG`, with
+
+        [∇²_θθ L_in]⁻¹ v ≈ α_N Σ_{k=0}^{K} (I − α_N ∇²_θθ L_in)^k v,    K = ``neumann_iters``,
+
+    α_N = ``neumann_alpha`` (default: ``inner_lr``, as Lorraine et al., who use the inner optimiser's step; it needs
+    the spectral radius of I − α_N H below 1, the same condition as a stable inner gradient step).  (GeSSL's Eq. 23
+    writes the series as Σ(−1)^k H^k, which converges only for ‖H‖ < 1; the scaled form is the cited method's.)
+
+    Cost: as :class:`AidCG` with ``neumann_iters`` Hessian-vector products.
+    """
+
+    name = "aid_neumann"
+    OPTIONS = ("neumann_iters", "neumann_alpha")
+
+    def __init__(self, *, neumann_iters: int = 5, neumann_alpha: float | None = None):
+        self.neumann_iters = _check_int("neumann_iters", neumann_iters, 1, engine=self.name)
+        self.neumann_alpha = (None if neumann_alpha is None else
+                              _check_real("neumann_alpha", neumann_alpha, lo=0.0, lo_open=True, engine=self.name))
+
+    def _solve(self, H, v, lr):
+        alpha = lr if self.neumann_alpha is None else self.neumann_alpha
+        return neumann_inverse(H.hvp, v, self.neumann_iters, alpha), {"neumann_alpha": alpha}
+
+
+class MomentumProxy(_Engine):
+    """GeSSL's momentum proxy (App. C, "How to integrate GeSSL in the ViT setting"): "to avoid costly differentiable
+    second-order optimization, we instantiate f' and g' as momentum copies of f and g.  Their parameters are updated
+    as θ' ← τθ' + (1 − τ)θ and they do not participate in backpropagation, thereby providing a stable one-step proxy
+    for query-set evaluation and pseudo-label generation."
+
+    Stateful: the copies θ̄ (f') and φ̄ (g') are created from (θ, φ) on the first call (cloned, so the caller's
+    in-place optimizer steps do not touch them) and, on every later call, updated *at the start* with the θ, φ passed
+    in - i.e. after the caller's previous optimizer step, the BYOL/MoCo order:
+
+        θ̄ ← τ θ̄ + (1 − τ) θ,   φ̄ ← τ φ̄ + (1 − τ) φ,   τ = ``momentum``.
+
+    The proxy is θ' = θ̄ itself (f' *is* the momentum copy, replacing the inner step of Eq. 4), so L_in is not
+    evaluated.  With ``adapt_proxy=True`` θ' is instead θ̄ after ς gradient steps on L_in(·, φ̄) without a graph
+    (g' used as the pseudo-label generator of the support loss) - an alternative reading of "one-step proxy".
+
+    Gradients (nothing is differentiated through θ̄, φ̄):
+
+    * θ-gradient = ∇_θ' L_out(θ', φ), applied to θ (straight-through, as ``first_order``);
+    * φ-gradient = ∂_φ L_out(θ', φ) only, with the live φ.  Consequence: **no gradient reaches φ (g) from the outer
+      loss through the proxy**; in GeSSL, where L_out does not use g, g gets exactly zero from this engine and is
+      trained only if the caller adds another term (e.g. ∇_φ L_in of the live model).
+
+    ``theta_ema`` / ``phi_ema`` expose f' and g' (e.g. to generate pseudo-labels with g'); :meth:`reset` drops them.
+    τ is not given in the paper; the default 0.996 is BYOL's base value.
+
+    Cost: 1 (F+B) of L_out and two EMA updates (+ ς (F+B) of L_in with ``adapt_proxy``); no second derivatives.
+    """
+
+    name = "momentum_proxy"
+    OPTIONS = ("momentum", "adapt_proxy")
+
+    def __init__(self, *, momentum: float = 0.996, adapt_proxy: bool = False):
+        self.momentum = _check_real("momentum", momentum, lo=0.0, hi=1.0, engine=self.name)
+        self.adapt_proxy = _check_bool("adapt_proxy", adapt_proxy, self.name)
+        self.theta_ema: list[Tensor] | None = None
+        self.phi_ema: list[Tensor] | None = None
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.theta_ema, self.phi_ema, self.calls = None, None, 0
+
+    @torch.no_grad()
+    def _update(self, theta: list[Tensor], phi: list[Tensor]) -> None:
+        if self.theta_ema is None:
+            self.theta_ema = [t.detach().clone() for t in theta]
+            self.phi_ema = [p.detach().clone() for p in phi]
+            return
+        for name, ema, live in (("theta", self.theta_ema, theta), ("phi", self.phi_ema, phi)):
+            _check_like(f"{name} (vs. the momentum copy made on the first call)", live, ema)
+            for e, t in zip(ema, live):
+                e.mul_(self.momentum).add_(t.detach(), alpha=1.0 - self.momentum)
+
+    def _run(self, inner_loss, outer_loss, theta, phi, lr, steps):
+        self._update(theta, phi)
+        self.calls += 1
+        logs: dict[str, float] = {"momentum": self.momentum}
+        proxy = [t.clone() for t in self.theta_ema]
+        if self.adapt_proxy:
+            traj, logs["inner_loss"] = _inner_descent(inner_loss, proxy, self.phi_ema, lr, steps)
+            proxy = traj[-1]
+        v, dphi, logs["outer_loss"] = _outer_grads(outer_loss, proxy, phi)
+        logs["proxy_distance"] = float(_norm([p - t.detach() for p, t in zip(self.theta_ema, theta)]))
+        return HyperGrad(v, dphi, proxy, logs)
+
+
+ENGINES: dict[str, type[_Engine]] = {
+    "second_order": SecondOrder,
+    "first_order": FirstOrder,
+    "aid_fd": AidFD,
+    "aid_cg": AidCG,
+    "aid_neumann": AidNeumann,
+    "momentum_proxy": MomentumProxy,
+}
+
+EngineLike = Union[str, _Engine]
+
+
+def make_engine(name: str, **opts) -> _Engine:
+    """The engine called ``name`` with its options validated (unknown options and bad values raise ValueError)."""
+    if name not in ENGINES:
+        raise ValueError(f"hypergrad: unknown engine {name!r}; allowed: {', '.join(ENGINES)}")
+    cls = ENGINES[name]
+    unknown = sorted(set(opts) - set(cls.OPTIONS))
+    if unknown:
+        raise ValueError(f"hypergrad: engine {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
+                         f"allowed: {', '.join(cls.OPTIONS) or '(none)'}")
+    return cls(**opts)
+
+
+def hypergradient(engine: EngineLike, inner_loss: LossFn, outer_loss: LossFn, theta: Params, phi: Params, *,
+                  inner_lr: float, inner_steps: int = 1, **opts) -> HyperGrad:
+    """Meta-gradients of L_out(θ'(θ, φ), φ) w.r.t. the initial θ and φ, by the engine ``engine``.
+
+    ``engine`` is a name from :data:`ENGINES` (options in ``opts``) or an engine object from :func:`make_engine`.
+    ``momentum_proxy`` keeps state between calls, so it must be created once with :func:`make_engine` and passed as
+    an object.
+    """
+    if isinstance(engine, str):
+        if engine == "momentum_proxy":
+            raise ValueError("hypergrad: engine 'momentum_proxy' keeps EMA copies between calls; create it once with "
+                             "make_engine('momentum_proxy', ...) and pass that object")
+        engine = make_engine(engine, **opts)
+    elif isinstance(engine, _Engine):
+        if opts:
+            raise ValueError(f"hypergrad: options {sorted(opts)} given with an engine object; pass them to make_engine")
+    else:
+        raise ValueError(f"hypergrad: engine must be a name ({', '.join(ENGINES)}) or an engine object, "
+                         f"got {type(engine).__name__}")
+    return engine(inner_loss, outer_loss, theta, phi, inner_lr=inner_lr, inner_steps=inner_steps)
+
+
+def set_grads(params: Params, grads: Params, accumulate: bool = False) -> None:
+    """Write ``grads`` into ``p.grad`` (or add them to it with ``accumulate=True``)."""
+    grads = _check_like("grads", grads, list(params))
+    for p, g in zip(params, grads):
+        g = g.detach().to(dtype=p.dtype, device=p.device)
+        if accumulate and p.grad is not None:
+            p.grad.add_(g)
+        else:
+            p.grad = g.clone()
