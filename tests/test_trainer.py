@@ -7,7 +7,8 @@ from bilevel_ssl.trainer import CHECKPOINT, ENCODER, lr_factor, train
 
 
 def cfg(**kw):
-    base = dict(epochs=3, batch_size=32, width=16, proj_hidden=32, proj_dim=16, lr=0.05, progress=False)
+    base = dict(epochs=3, batch_size=32, width=16, lr=0.05, progress=False,
+                objective_args={"proj_hidden": 32, "proj_dim": 16})
     return TrainConfig(**{**base, **kw})
 
 
@@ -79,9 +80,9 @@ def test_non_finite_loss_stops_with_step_named_and_keeps_last_good_checkpoint(ti
     calls = {"n": 0}
     real = SimCLR.loss
 
-    def loss_nan_on_fifth_call(self, z):
+    def loss_nan_on_fifth_call(self, student, teacher=None):
         calls["n"] += 1
-        out = real(self, z)
+        out = real(self, student, teacher)
         return out * float("nan") if calls["n"] == 5 else out
 
     monkeypatch.setattr(SimCLR, "loss", loss_nan_on_fifth_call)

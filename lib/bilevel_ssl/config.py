@@ -12,15 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .augment import PRESETS
-from .data import DATASETS
+from .meta import META_METHODS as _META
 from .models import BACKBONES
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, make_objective
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("cpu", "cuda", "auto")
-from .meta import META_METHODS as _META
-
 META_METHODS = tuple(_META)
 
 
@@ -34,10 +32,8 @@ class TrainConfig:
     objective: str = "simclr"
     meta: str = "none"
     backbone: str = "conv4"
-    width: int = 64                 # conv4 channels (= feature size)
-    proj_hidden: int = 512
-    proj_dim: int = 128
-    temperature: float = 0.5
+    objective_args: dict = field(default_factory=dict)  # the objective's own options, e.g. {"temperature": 0.2}
+    width: int = 64                 # conv4 channels
     augment: str = "mnistm"         # augmentation preset (bilevel_ssl.augment.PRESETS)
     # optimisation
     epochs: int = 10
@@ -53,12 +49,11 @@ class TrainConfig:
     device: str = "cpu"
     checkpoint_every: int = 0       # epochs between checkpoints; 0 = only when the run ends
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # objective-specific options, passed to the objective
 
     # ---------------------------------------------------------------- validation
     _CHOICES = {"objective": tuple(OBJECTIVES), "meta": META_METHODS, "backbone": BACKBONES,
                 "augment": tuple(PRESETS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "device": DEVICES}
-    _POSITIVE = ("width", "proj_hidden", "proj_dim", "temperature", "epochs", "batch_size", "lr")
+    _POSITIVE = ("width", "epochs", "batch_size", "lr")
     _NON_NEGATIVE = ("momentum", "weight_decay", "warmup_epochs", "checkpoint_every", "seed")
 
     def __post_init__(self) -> None:
@@ -77,6 +72,10 @@ class TrainConfig:
             raise ConfigError(f"warmup_epochs: must be < epochs ({self.epochs}), got {self.warmup_epochs}")
         if self.batch_size < 2:
             raise ConfigError(f"batch_size: contrastive objectives need >= 2 samples per batch, got {self.batch_size}")
+        try:
+            make_objective(self.objective, **self.objective_args)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"objective_args: {err}") from err
 
     @classmethod
     def keys(cls) -> list[str]:

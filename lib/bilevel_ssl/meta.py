@@ -1,50 +1,126 @@
 """Meta-methods: how one training step turns a batch of views into parameter gradients.
 
 A method is *objective x meta-method x hypergradient engine*.  The trainer owns the optimizer, the schedule and the
-loop; a meta-method owns one thing - :meth:`compute_grads`, which fills ``.grad`` of the parameters and returns
-the numbers to log.  ``none`` is plain single-level SSL; GeSSL, TC², BiSSL and MCR are further entries of
-:data:`META_METHODS` that compose the same objective with an inner/outer step.
+loop; a meta-method owns the step: :meth:`compute_grads` fills ``.grad`` and returns the numbers to log, and
+:meth:`after_step` runs after the optimizer step (EMA teacher, objective state).  ``none`` is plain single-level
+SSL; GeSSL, TC², BiSSL and MCR are further entries of :data:`META_METHODS` that compose the same objective with
+an inner/outer step (engines in :mod:`bilevel_ssl.hypergrad`).
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
+
+from .objectives import Objective, Outputs
 
 
 class SSLNet(nn.Module):
-    """Backbone + the objective's heads.  ``forward`` returns the projector output (the SSL embedding)."""
+    """Backbone + the objective's heads.
+
+    ``forward(x)`` returns ``{"h": backbone(x), "z": projector(h)}`` plus ``"p": predictor(z)`` and
+    ``"s": prototypes(normalize(z))`` when those heads exist - everything an objective's loss reads.  One
+    ``forward`` means ``torch.func.functional_call(net, params, x)`` evaluates the whole chain with other params.
+    """
 
     def __init__(self, backbone: nn.Module, heads: nn.ModuleDict):
         super().__init__()
         self.backbone = backbone
         self.heads = heads
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.heads["projector"](self.backbone(x))
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        h = self.backbone(x)
+        out = {"h": h, "z": self.heads["projector"](h)}
+        if "predictor" in self.heads:
+            out["p"] = self.heads["predictor"](out["z"])
+        if "prototypes" in self.heads:
+            out["s"] = self.heads["prototypes"](F.normalize(out["z"], dim=1))
+        return out
+
+
+class Teacher:
+    """An EMA copy of the student network without its predictor (BYOL target / MoCo key encoder / DINO teacher).
+
+    Never receives gradients.  Runs in train mode like the student (BYOL and DINO use batch statistics in the
+    target too).  ``update(student, m)``: θ_t ← m·θ_t + (1 − m)·θ_s for parameters; buffers (BatchNorm running
+    statistics) are copied.
+    """
+
+    def __init__(self, student: SSLNet):
+        self.net = copy.deepcopy(student)
+        if "predictor" in self.net.heads:
+            del self.net.heads["predictor"]
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> dict[str, Tensor]:
+        return self.net(x)
+
+    @torch.no_grad()
+    def update(self, student: SSLNet, momentum: float) -> None:
+        s_params = dict(student.named_parameters())
+        for name, p in self.net.named_parameters():
+            p.lerp_(s_params[name].detach(), 1.0 - momentum)
+        s_buffers = dict(student.named_buffers())
+        for name, b in self.net.named_buffers():
+            b.copy_(s_buffers[name])
 
 
 class SingleLevel:
     """Plain SSL: all views go through the network in *one* forward pass (one BatchNorm batch over all views, as
-    SimCLR's reference implementation does with its concatenated views), then the objective's loss, then backward."""
+    SimCLR's reference implementation does with its concatenated views), the teacher likewise, then the
+    objective's loss, then backward."""
 
     name = "none"
 
-    def __init__(self, objective):
+    def __init__(self, objective: Objective, net: SSLNet):
         self.objective = objective
+        self.teacher = Teacher(net) if objective.teacher_momentum(0.0) is not None else None
+        self._last: tuple[Outputs, Outputs | None] | None = None
+
+    def forward(self, net: SSLNet, views: list[Tensor]) -> tuple[Outputs, Outputs | None]:
+        x, n = torch.cat(views), len(views)
+        student = self.objective.outputs(net, x, n)
+        teacher = self.objective.outputs(self.teacher, x, n) if self.teacher is not None else None
+        return student, teacher
 
     def compute_grads(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
-        z = net(torch.cat(views)).chunk(len(views))
-        loss = self.objective.loss(list(z))
+        student, teacher = self.forward(net, views)
+        loss = self.objective.loss(student, teacher)
         loss.backward()
+        self._last = (student, teacher)
         return {"loss": loss.item()}
+
+    @torch.no_grad()
+    def after_step(self, net: SSLNet, progress: float) -> None:
+        """EMA teacher update at the scheduled momentum, then the objective's own state (queue, centre...)."""
+        if self.teacher is not None:
+            self.teacher.update(net, self.objective.teacher_momentum(progress))
+        if self._last is not None:
+            student, teacher = self._last
+            detach = lambda outs: None if outs is None else [{k: v.detach() for k, v in o.items()} for o in outs]
+            self.objective.update_state(detach(student), detach(teacher))
+            self._last = None
+
+    def state_dict(self) -> dict:
+        return {"teacher": self.teacher.net.state_dict() if self.teacher is not None else None,
+                "objective": self.objective.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.teacher is not None:
+            self.teacher.net.load_state_dict(state["teacher"])
+        self.objective.load_state_dict(state["objective"])
 
 
 META_METHODS = {"none": SingleLevel}
 
 
-def make_meta(name: str, objective):
+def make_meta(name: str, objective: Objective, net: SSLNet):
     if name not in META_METHODS:
         raise ValueError(f"meta: unknown name {name!r}; allowed: {', '.join(META_METHODS)}")
-    return META_METHODS[name](objective)
+    return META_METHODS[name](objective, net)

@@ -1,7 +1,8 @@
 """The one trainer: every objective and meta-method trains through :func:`train`.
 
 Determinism: the network is initialised under ``torch.manual_seed(seed)``; shuffling and augmentation draw from
-one CPU ``torch.Generator`` seeded with ``seed + 1`` whose state is saved in every checkpoint, so the same seed
+one CPU ``torch.Generator`` seeded with ``seed + 1``; its state and torch's global RNG state (MAE's masks) are
+saved in every checkpoint, so the same seed
 gives the same numbers on CPU, and a resumed run continues exactly where an uninterrupted one would be.
 
 Checkpoints (``<out_dir>/checkpoint.pt``, written atomically) hold network, optimizer, schedule, generator and
@@ -45,8 +46,7 @@ class TrainResult:
 
 def build_net(cfg: TrainConfig, in_channels: int) -> tuple[SSLNet, object]:
     """The objective and the network it trains, initialised under ``cfg.seed``."""
-    objective = make_objective(cfg.objective, temperature=cfg.temperature, proj_hidden=cfg.proj_hidden,
-                               proj_dim=cfg.proj_dim, **cfg.extra)
+    objective = make_objective(cfg.objective, **cfg.objective_args)
     torch.manual_seed(cfg.seed)
     kwargs = {"width": cfg.width} if cfg.backbone == "conv4" else {}
     backbone = make_backbone(cfg.backbone, in_channels, **kwargs)
@@ -94,7 +94,7 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
 
     net, objective = build_net(cfg, data.channels)
     net.to(device)
-    meta = make_meta(cfg.meta, objective)
+    meta = make_meta(cfg.meta, objective, net)
     opt = _optimizer(cfg, net.parameters())
     steps_per_epoch = n // cfg.batch_size  # drop_last: every step sees a full batch (BatchNorm, negatives)
     total = steps_per_epoch * cfg.epochs
@@ -117,7 +117,9 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
             net.load_state_dict(ckpt["net"])
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
+            meta.load_state_dict(ckpt["meta"])
             gen.set_state(ckpt["generator"])
+            torch.set_rng_state(ckpt["torch_rng"])
             history, start_epoch = ckpt["history"], ckpt["epoch"]
 
     images = data.images.to(device)
@@ -140,6 +142,7 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
                                              f"last good checkpoint: {out / CHECKPOINT if out else 'none'}")
                 logs[k] = logs.get(k, 0.0) + v / steps_per_epoch
             opt.step()
+            meta.after_step(net, (epoch * steps_per_epoch + step + 1) / total)
             sched.step()
         record = {"epoch": epoch + 1, **logs, "lr": opt.param_groups[0]["lr"],
                   "time_s": time.perf_counter() - t0}
@@ -148,7 +151,8 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
         if out is not None and ((cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)
                                 or epoch + 1 == cfg.epochs):
             _save_atomic({"config": cfg.to_dict(), "net": net.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "generator": gen.get_state(), "history": history,
+                          "scheduler": sched.state_dict(), "meta": meta.state_dict(), "generator": gen.get_state(),
+                          "torch_rng": torch.get_rng_state(), "history": history,
                           "epoch": epoch + 1}, out / CHECKPOINT)
         for cb in callbacks:
             cb(epoch + 1, record)
