@@ -21,6 +21,7 @@ BAD = [
     ({"objective_args": {"tau": 0.1}}, r"objective_args: objective simclr: unknown option\(s\) \['tau'\]; allowed: temperature"),
     ({"weight_decay": -1e-4}, r"weight_decay: must be >= 0"),
     ({"warmup_epochs": 10, "epochs": 10}, r"warmup_epochs: must be < epochs"),
+    ({"backbone_args": {"depth": 3}}, r"backbone_args: unknown option\(s\) \['depth'\] for conv4; allowed: width, pool_size"),
     ({"lr_max": 0.1}, r"unknown key\(s\) \['lr_max'\]; allowed: objective, meta"),
 ]
 

@@ -7,7 +7,7 @@ from bilevel_ssl.trainer import CHECKPOINT, ENCODER, lr_factor, train
 
 
 def cfg(**kw):
-    base = dict(epochs=3, batch_size=32, width=16, lr=0.05, progress=False,
+    base = dict(epochs=3, batch_size=32, backbone_args={"width": 16}, lr=0.05, progress=False,
                 objective_args={"proj_hidden": 32, "proj_dim": 16})
     return TrainConfig(**{**base, **kw})
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from .augment import PRESETS
 from .meta import META_METHODS as _META
-from .models import BACKBONES
+from .models import BACKBONE_OPTIONS, BACKBONES
 from .objectives import OBJECTIVES, make_objective
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -33,7 +33,7 @@ class TrainConfig:
     meta: str = "none"
     backbone: str = "conv4"
     objective_args: dict = field(default_factory=dict)  # the objective's own options, e.g. {"temperature": 0.2}
-    width: int = 64                 # conv4 channels
+    backbone_args: dict = field(default_factory=dict)  # e.g. {"width": 64} (conv4), {"patch_size": 4} (vit_tiny)
     augment: str = "mnistm"         # augmentation preset (bilevel_ssl.augment.PRESETS)
     # optimisation
     epochs: int = 10
@@ -53,7 +53,7 @@ class TrainConfig:
     # ---------------------------------------------------------------- validation
     _CHOICES = {"objective": tuple(OBJECTIVES), "meta": META_METHODS, "backbone": BACKBONES,
                 "augment": tuple(PRESETS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "device": DEVICES}
-    _POSITIVE = ("width", "epochs", "batch_size", "lr")
+    _POSITIVE = ("epochs", "batch_size", "lr")
     _NON_NEGATIVE = ("momentum", "weight_decay", "warmup_epochs", "checkpoint_every", "seed")
 
     def __post_init__(self) -> None:
@@ -73,9 +73,17 @@ class TrainConfig:
         if self.batch_size < 2:
             raise ConfigError(f"batch_size: contrastive objectives need >= 2 samples per batch, got {self.batch_size}")
         try:
-            make_objective(self.objective, **self.objective_args)
+            objective = make_objective(self.objective, **self.objective_args)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"objective_args: {err}") from err
+        unknown = sorted(set(self.backbone_args) - set(BACKBONE_OPTIONS[self.backbone]))
+        if unknown:
+            raise ConfigError(f"backbone_args: unknown option(s) {unknown} for {self.backbone}; "
+                              f"allowed: {', '.join(BACKBONE_OPTIONS[self.backbone])}")
+        needs = getattr(objective, "requires_backbone", None)
+        if needs and self.backbone not in needs:
+            raise ConfigError(f"backbone: objective {self.objective} needs one of {', '.join(needs)}, "
+                              f"got {self.backbone!r}")
 
     @classmethod
     def keys(cls) -> list[str]:

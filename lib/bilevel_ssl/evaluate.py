@@ -124,3 +124,32 @@ def few_shot(features: np.ndarray, labels, *, n_way: int = 5, k_shot: int = 5, n
         accs[e] = (pred == q_y).mean()
     mean, ci = mean_ci95(accs)
     return {"mean": mean, "ci95": ci, "episodes": n_episodes}
+
+
+PROTOCOL = {
+    "knn_acc": "5-NN (cosine, majority vote), base-class train split -> held-out base-class test split",
+    "knn_weighted_acc": "5-NN with exp(sim/0.07) vote weights, same splits",
+    "linear_acc": "logistic regression (L-BFGS, standardised features), same splits",
+    "fewshot_5w1s_acc": "5-way 1-shot episodes on the novel classes (15 queries/class, logistic regression), mean",
+    "fewshot_5w5s_acc": "5-way 5-shot episodes on the novel classes, mean (±95% CI over episodes in *_ci95)",
+}
+
+
+def evaluate_encoder(encoder, splits, *, n_episodes: int = 300, seed: int = 0, device="cpu",
+                     shots: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """The notebooks' standard protocol (:data:`PROTOCOL`) for one encoder (``None`` = raw pixels) on a
+    :class:`bilevel_ssl.data.Splits`: k-NN, weighted k-NN and linear on the base classes, few-shot on the novel
+    classes (skipped when the split has none)."""
+    feat = raw_pixels if encoder is None else (lambda d: extract_features(encoder, d, device=device))
+    f_tr, f_te = feat(splits.train), feat(splits.test)
+    y_tr, y_te = splits.train.labels, splits.test.labels
+    r = {"knn_acc": knn_accuracy(f_tr, y_tr, f_te, y_te, k=5),
+         "knn_weighted_acc": knn_accuracy(f_tr, y_tr, f_te, y_te, k=5, weighted=True),
+         "linear_acc": linear_probe(f_tr, y_tr, f_te, y_te, seed=seed)["top1"]}
+    if splits.novel is not None:
+        f_nov = feat(splits.novel)
+        for k in shots:
+            fs = few_shot(f_nov, splits.novel.labels, n_way=min(5, len(splits.novel_classes)), k_shot=k,
+                          n_query=15, n_episodes=n_episodes, seed=seed)
+            r[f"fewshot_5w{k}s_acc"], r[f"fewshot_5w{k}s_ci95"] = fs["mean"], fs["ci95"]
+    return r

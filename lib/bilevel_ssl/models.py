@@ -24,7 +24,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-BACKBONES = ("conv4", "resnet18", "resnet50")
+BACKBONE_OPTIONS = {"conv4": ("width", "pool_size"), "resnet18": ("small_stem",), "resnet50": ("small_stem",),
+                    "vit_tiny": ("image_size", "patch_size", "dim", "depth", "heads", "mlp_ratio")}
+BACKBONES = tuple(BACKBONE_OPTIONS)
 
 
 class Conv4(nn.Module):
@@ -59,17 +61,22 @@ def _torchvision_resnet(name: str, in_channels: int, small_stem: bool) -> nn.Mod
 
 
 def make_backbone(name: str, in_channels: int = 3, **kwargs) -> nn.Module:
-    """Build a backbone by name; ``kwargs``: ``width``, ``pool_size`` (conv4), ``small_stem`` (resnets; default True for
-    resnet18, False for resnet50)."""
+    """Build a backbone by name.  Options (``kwargs``) per backbone: :data:`BACKBONE_OPTIONS`.
+    ResNets: ``small_stem`` defaults to True for resnet18 (CIFAR-size images), False for resnet50.
+    ``vit_tiny``: the tiny ViT of :mod:`bilevel_ssl.vit` (MAE's encoder); ``image_size`` is required."""
+    if name not in BACKBONE_OPTIONS:
+        raise ValueError(f"backbone: unknown name {name!r}; allowed: {', '.join(BACKBONES)}")
+    unknown = sorted(set(kwargs) - set(BACKBONE_OPTIONS[name]))
+    if unknown:
+        raise ValueError(f"backbone {name}: unknown option(s) {unknown}; allowed: {', '.join(BACKBONE_OPTIONS[name])}")
     if name == "conv4":
         net = Conv4(in_channels, **kwargs)
-    elif name in ("resnet18", "resnet50"):
-        unknown = set(kwargs) - {"small_stem"}
-        if unknown:
-            raise ValueError(f"backbone {name}: unknown options {sorted(unknown)}; allowed: ['small_stem']")
-        net = _torchvision_resnet(name, in_channels, kwargs.get("small_stem", name == "resnet18"))
+    elif name == "vit_tiny":
+        from .vit import ViT
+
+        net = ViT(in_channels=in_channels, **kwargs)
     else:
-        raise ValueError(f"backbone: unknown name {name!r}; allowed: {', '.join(BACKBONES)}")
+        net = _torchvision_resnet(name, in_channels, kwargs.get("small_stem", name == "resnet18"))
     net.spec = {"name": name, "in_channels": in_channels, **kwargs}
     return net
 

@@ -27,7 +27,7 @@ from .config import ConfigError, TrainConfig
 from .data import ImageSet
 from .meta import SSLNet, make_meta
 from .models import make_backbone, save_encoder
-from .objectives import make_objective
+from .objectives import Objective, make_objective
 
 CHECKPOINT = "checkpoint.pt"
 ENCODER = "encoder.pt"
@@ -44,11 +44,13 @@ class TrainResult:
         return self.net.backbone
 
 
-def build_net(cfg: TrainConfig, in_channels: int) -> tuple[SSLNet, object]:
+def build_net(cfg: TrainConfig, in_channels: int, image_size: int) -> tuple[SSLNet, Objective]:
     """The objective and the network it trains, initialised under ``cfg.seed``."""
     objective = make_objective(cfg.objective, **cfg.objective_args)
     torch.manual_seed(cfg.seed)
-    kwargs = {"width": cfg.width} if cfg.backbone == "conv4" else {}
+    kwargs = dict(cfg.backbone_args)
+    if cfg.backbone == "vit_tiny":
+        kwargs.setdefault("image_size", image_size)
     backbone = make_backbone(cfg.backbone, in_channels, **kwargs)
     return SSLNet(backbone, objective.heads(backbone.feature_dim)), objective
 
@@ -92,7 +94,7 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
     device = torch.device(cfg.resolved_device())
     aug = preset(cfg.augment)
 
-    net, objective = build_net(cfg, data.channels)
+    net, objective = build_net(cfg, data.channels, data.size)
     net.to(device)
     meta = make_meta(cfg.meta, objective, net)
     opt = _optimizer(cfg, net.parameters())
