@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .augment import PRESETS
-from .meta import META_METHODS as _META
+from .hypergrad import ENGINES
+from .meta import META_METHODS, meta_class
 from .models import BACKBONE_OPTIONS, BACKBONES
 from .objectives import OBJECTIVES, make_objective
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("cpu", "cuda", "auto")
-META_METHODS = tuple(_META)
+HYPERGRAD_ENGINES = tuple(ENGINES)
 
 
 class ConfigError(ValueError):
@@ -30,7 +31,10 @@ class ConfigError(ValueError):
 class TrainConfig:
     # what is trained
     objective: str = "simclr"
-    meta: str = "none"
+    meta: str = "none"              # none (plain SSL) or a bi-level method: gessl
+    meta_args: dict = field(default_factory=dict)  # the meta-method's options, e.g. {"m": 8, "mu": 0.7}
+    hypergrad: str = "second_order"  # hypergradient engine of the bi-level methods (bilevel_ssl.hypergrad)
+    hypergrad_args: dict = field(default_factory=dict)  # engine options, e.g. {"fd_r": 0.01}
     backbone: str = "conv4"
     objective_args: dict = field(default_factory=dict)  # the objective's own options, e.g. {"temperature": 0.2}
     backbone_args: dict = field(default_factory=dict)  # e.g. {"width": 64} (conv4), {"patch_size": 4} (vit_tiny)
@@ -51,7 +55,8 @@ class TrainConfig:
     progress: bool = True
 
     # ---------------------------------------------------------------- validation
-    _CHOICES = {"objective": tuple(OBJECTIVES), "meta": META_METHODS, "backbone": BACKBONES,
+    _CHOICES = {"objective": tuple(OBJECTIVES), "meta": META_METHODS, "hypergrad": HYPERGRAD_ENGINES,
+                "backbone": BACKBONES,
                 "augment": tuple(PRESETS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "device": DEVICES}
     _POSITIVE = ("epochs", "batch_size", "lr")
     _NON_NEGATIVE = ("momentum", "weight_decay", "warmup_epochs", "checkpoint_every", "seed")
@@ -80,6 +85,10 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"backbone_args: unknown option(s) {unknown} for {self.backbone}; "
                               f"allowed: {', '.join(BACKBONE_OPTIONS[self.backbone])}")
+        try:
+            meta_class(self.meta).check_config(self)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         needs = getattr(objective, "requires_backbone", None)
         if needs and self.backbone not in needs:
             raise ConfigError(f"backbone: objective {self.objective} needs one of {', '.join(needs)}, "

@@ -78,10 +78,25 @@ class SingleLevel:
 
     name = "none"
 
-    def __init__(self, objective: Objective, net: SSLNet):
+    def __init__(self, objective: Objective, net: SSLNet, cfg=None):
         self.objective = objective
         self.teacher = Teacher(net) if objective.teacher_momentum(0.0) is not None else None
         self._last: tuple[Outputs, Outputs | None] | None = None
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Validate ``cfg.meta_args`` (and anything else this method needs) before compute; raise ValueError."""
+        if cfg.meta_args:
+            raise ValueError(f"meta_args: meta-method 'none' takes no options, got {sorted(cfg.meta_args)}")
+
+    @property
+    def n_views(self) -> int:
+        """Views per image the trainer must produce."""
+        return self.objective.n_views
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters the meta-method owns beyond the network (GeSSL's threshold network g, ...)."""
+        return []
 
     def forward(self, net: SSLNet, views: list[Tensor]) -> tuple[Outputs, Outputs | None]:
         x, n = torch.cat(views), len(views)
@@ -116,11 +131,27 @@ class SingleLevel:
             self.teacher.net.load_state_dict(state["teacher"])
         self.objective.load_state_dict(state["objective"])
 
+    def to(self, device) -> "SingleLevel":
+        if self.teacher is not None:
+            self.teacher.net.to(device)
+        return self
 
-META_METHODS = {"none": SingleLevel}
+
+# name -> "module:Class", resolved on use (the bi-level methods import the hypergradient engines).
+_REGISTRY = {"none": "meta:SingleLevel", "gessl": "gessl:GeSSL"}
+META_METHODS = tuple(_REGISTRY)
 
 
-def make_meta(name: str, objective: Objective, net: SSLNet):
-    if name not in META_METHODS:
+def meta_class(name: str) -> type:
+    import importlib
+
+    if name not in _REGISTRY:
         raise ValueError(f"meta: unknown name {name!r}; allowed: {', '.join(META_METHODS)}")
-    return META_METHODS[name](objective, net)
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(f"bilevel_ssl.{module}"), cls)
+
+
+def make_meta(name: str, objective: Objective, net: SSLNet, cfg=None):
+    """Build meta-method ``name`` for ``objective`` training ``net``; its options come from ``cfg``
+    (``meta_args``, ``hypergrad``, ``hypergrad_args`` of a :class:`bilevel_ssl.config.TrainConfig`)."""
+    return meta_class(name)(objective, net, cfg)

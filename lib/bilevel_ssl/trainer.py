@@ -96,8 +96,8 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
 
     net, objective = build_net(cfg, data.channels, data.size)
     net.to(device)
-    meta = make_meta(cfg.meta, objective, net)
-    opt = _optimizer(cfg, net.parameters())
+    meta = make_meta(cfg.meta, objective, net, cfg).to(device)
+    opt = _optimizer(cfg, [*net.parameters(), *meta.parameters()])
     steps_per_epoch = n // cfg.batch_size  # drop_last: every step sees a full batch (BatchNorm, negatives)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -135,7 +135,7 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
         for step in range(steps_per_epoch):
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
             x = images[idx].float().div_(255)
-            views = make_views(x, objective.n_views, aug, gen)
+            views = make_views(x, meta.n_views, aug, gen)
             opt.zero_grad(set_to_none=True)
             step_logs = meta.compute_grads(net, views)
             for k, v in step_logs.items():
