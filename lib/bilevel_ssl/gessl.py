@@ -425,7 +425,7 @@ def discriminative_loss(u: Tensor, v: Tensor, g: nn.Module, k: float = K, reduct
 from torch.func import functional_call  # noqa: E402
 
 from .hypergrad import ENGINES, make_engine, set_grads  # noqa: E402
-from .meta import SingleLevel, SSLNet  # noqa: E402
+from .meta import FunctionalNet, SingleLevel, SSLNet  # noqa: E402
 from .objectives import Objective, Outputs  # noqa: E402
 
 VARIANTS = ("bilevel", "joint", "per_task")
@@ -467,6 +467,12 @@ class GeSSL(SingleLevel):
       not contain g, and these engines drop the path through θ').  g then stays at its initialisation (modulo
       weight decay): these engines train a GeSSL without a learned threshold.  Logged as ``g_grad_norm``.
 
+    * **Generative objectives** (MAE, §3.2: "for G-SSL methods, the anchor of each pair is the source sample;
+      x¹ and x² are generated from that anchor by applying two different masking operations"): one augmented view
+      per image is the anchor; the support L_ssl reconstructs it from mask A, the query L_ssl from mask B (seeds
+      drawn once per step from torch's RNG, so engines that re-evaluate a loss see the same masks); L_disc compares
+      the representation of the mask-A encoding (u) with that of the full anchor (v).
+
     Variants (``meta_args.variant``), for the paper's Fig. 11 ablation:
 
     * ``bilevel`` (default) - the above: one f' adapted on the support sets of all tasks together (Eq. 4 sums
@@ -478,7 +484,6 @@ class GeSSL(SingleLevel):
     """
 
     name = "gessl"
-    n_views = 3
 
     @classmethod
     def _options(cls, cfg) -> tuple[str, GeSSLConfig]:
@@ -499,10 +504,9 @@ class GeSSL(SingleLevel):
         make_engine(cfg.hypergrad, **cfg.hypergrad_args)
         from .objectives import objective_class
 
-        if objective_class(cfg.objective).n_views != 2:
-            raise ValueError(f"objective: gessl pairs two views per task; {cfg.objective} uses "
-                             f"{objective_class(cfg.objective).n_views} (generative objectives are not supported "
-                             f"by GeSSL here yet)")
+        if objective_class(cfg.objective).n_views not in (1, 2):
+            raise ValueError(f"objective: gessl needs a two-view (discriminative) or one-view masked (generative) "
+                             f"objective; {cfg.objective} uses {objective_class(cfg.objective).n_views} views")
 
     def __init__(self, objective: Objective, net: SSLNet, cfg):
         super().__init__(objective, net)
@@ -514,6 +518,15 @@ class GeSSL(SingleLevel):
         self._g_names = [n for n, _ in self.g.named_parameters()]
 
     # ----------------------------------------------------------------------------------------------- plumbing
+    @property
+    def generative(self) -> bool:
+        """G-SSL objective (MAE): one augmented view is the anchor, x¹ and x² are two random maskings of it."""
+        return self.objective.n_views == 1
+
+    @property
+    def n_views(self) -> int:
+        return 1 if self.generative else 3
+
     def parameters(self) -> list[nn.Parameter]:
         return list(self.g.parameters())
 
@@ -537,13 +550,24 @@ class GeSSL(SingleLevel):
             self.engine.theta_ema, self.engine.phi_ema = state["engine"]["theta_ema"], state["engine"]["phi_ema"]
             self.engine.calls = state["engine"]["calls"]
 
-    def _forward(self, net: SSLNet, theta: list[Tensor], x: Tensor, *, update_stats: bool) -> Outputs:
-        """The network at parameters θ on images x (2 views concatenated), split per view."""
-        params = dict(zip(self._param_names, theta))
+    def _forward(self, net: SSLNet, theta: list[Tensor], x: Tensor, *, update_stats: bool,
+                 mask_seed: int | None = None) -> tuple[Outputs, Tensor, Tensor]:
+        """The network at parameters θ: (L_ssl outputs of the pair, u = f(x¹), v = f(anchor)).
+
+        Discriminative: ``x`` = the x¹ (or x²) views and the anchors concatenated, one forward.  Generative: ``x``
+        = the anchors; the objective masks them with a fixed seed (the same mask every time an engine
+        re-evaluates the loss in one step), u = the masked encoding's representation, v = the full image's."""
+        tensors = dict(zip(self._param_names, theta))
         if not update_stats:
-            params.update({k: b.clone() for k, b in net.named_buffers()})
-        call = lambda inp: functional_call(net, params, (inp,))
-        return self.objective.outputs(call, x, 2)
+            tensors.update({k: b.clone() for k, b in net.named_buffers()})
+        fnet = FunctionalNet(net, tensors)
+        if not self.generative:
+            outs = self.objective.outputs(fnet, x, 2)
+            return outs, outs[0]["h"], outs[1]["h"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mask_seed)
+            outs = self.objective.outputs(fnet, x, 1)
+        return outs, outs[0]["h"], fnet.backbone(x)
 
     def _g(self, phi: list[Tensor], u: Tensor, v: Tensor) -> Tensor:
         return functional_call(self.g, dict(zip(self._g_names, phi)), (u, v))
@@ -566,11 +590,14 @@ class GeSSL(SingleLevel):
         t_sup = None if teacher is None else [teacher[0], teacher[2]]
         t_que = None if teacher is None else [teacher[1], teacher[2]]
 
+        support, query = ((anchor, anchor) if self.generative else (torch.cat([x1, anchor]), torch.cat([x2, anchor])))
+        # the two maskings of a generative objective, drawn once per step
+        seeds = torch.randint(0, 2**62, (2,)).tolist() if self.generative else [None, None]
+
         def inner_loss(theta, phi):
-            outs = self._forward(net, theta, torch.cat([x1, anchor]), update_stats=False)
+            outs, u, v = self._forward(net, theta, support, update_stats=False, mask_seed=seeds[0])
             ssl = per_task_ssl(outs, t_sup)
-            u = outs[0]["h"].reshape(m, n, -1)
-            v = outs[1]["h"].reshape(m, n, -1)
+            u, v = u.reshape(m, n, -1), v.reshape(m, n, -1)
             a = self._g(phi, u, v)
             disc = disc_loss(cosine_distance_matrix(u, v), a, k=cfg.k, reduction=cfg.reduction).mean()
             if "inner_ssl" not in stash:
@@ -578,14 +605,22 @@ class GeSSL(SingleLevel):
             return ssl + cfg.mu * disc
 
         def outer_loss(theta, phi):
-            outs = self._forward(net, theta, torch.cat([x2, anchor]), update_stats=True)
+            outs, _, _ = self._forward(net, theta, query, update_stats=True, mask_seed=seeds[1])
             stash["query"] = outs
             return per_task_ssl(outs, t_que)
 
         return inner_loss, outer_loss, stash
 
     def compute_grads(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
-        x1, x2, anchor = views
+        # Second derivatives through attention need the math kernel: the fused CPU/GPU kernels of
+        # scaled_dot_product_attention implement only first derivatives (ViT backbones, MAE).
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return self._compute_grads(net, views)
+
+    def _compute_grads(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
+        x1, x2, anchor = views * 3 if self.generative else views
         teacher = (self.objective.outputs(self.teacher, torch.cat(views), 3) if self.teacher is not None else None)
         theta = [p for _, p in net.named_parameters()]
         phi = list(self.g.parameters())
@@ -612,7 +647,7 @@ class GeSSL(SingleLevel):
             finally:
                 self.cfg = saved
             query = [{k: torch.cat([s["query"][v][k] for s, _ in stashes]) for k in stashes[0][0]["query"][v]}
-                     for v in range(2)]
+                     for v in range(len(stashes[0][0]["query"]))]
             for key in ("inner_ssl", "disc", "threshold"):
                 logs[key] = sum(s.get(key, float("nan")) for s, _ in stashes) / m
             logs["loss"] = sum(h["outer_loss"] for _, h in stashes) / m

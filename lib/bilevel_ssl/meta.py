@@ -42,6 +42,61 @@ class SSLNet(nn.Module):
         return out
 
 
+class _Dispatch(nn.Module):
+    """Holds a network and calls the method at a dotted path of it - the one ``forward`` that
+    :func:`torch.func.functional_call` can run with substituted tensors for any sub-module method."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, path: str, *args, **kwargs):
+        obj = self.net
+        for part in path.split("."):
+            obj = obj[part] if isinstance(obj, nn.ModuleDict) else getattr(obj, part)
+        return obj(*args, **kwargs)
+
+
+class FunctionalNet:
+    """``net`` seen with other tensors: ``FunctionalNet(net, tensors)(x)``, ``.backbone.forward_masked(...)``,
+    ``.heads["decoder"](...)`` all run the real modules with ``tensors`` (a dict name -> tensor of parameters and
+    optionally buffers, names as in ``net.named_parameters()``) in place of their own, through
+    :func:`torch.func.functional_call`.  Non-callable attributes (``patch_size``) read through.  This is how the
+    bi-level methods evaluate any objective's :meth:`~bilevel_ssl.objectives.Objective.outputs` - including MAE's,
+    which calls sub-module methods - at adapted parameters θ'."""
+
+    def __init__(self, net: nn.Module, tensors: dict[str, Tensor], _path: str = "", _dispatch: _Dispatch = None):
+        self._net, self._tensors, self._path = net, tensors, _path
+        self._dispatch = _dispatch if _dispatch is not None else _Dispatch(net)
+
+    def _target(self):
+        obj = self._dispatch.net
+        for part in filter(None, self._path.split(".")):
+            obj = obj[part] if isinstance(obj, nn.ModuleDict) else getattr(obj, part)
+        return obj
+
+    def _run(self, path: str, *args, **kwargs):
+        tensors = {f"net.{k}": v for k, v in self._tensors.items()}
+        return torch.func.functional_call(self._dispatch, tensors, (path, *args), kwargs)
+
+    def _child(self, name: str) -> "FunctionalNet":
+        return FunctionalNet(self._net, self._tensors, f"{self._path}.{name}".lstrip("."), self._dispatch)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._target(), name)
+        if isinstance(attr, nn.Module):
+            return self._child(name)
+        if callable(attr):
+            return lambda *a, **k: self._run(f"{self._path}.{name}".lstrip("."), *a, **k)
+        return attr
+
+    def __getitem__(self, key: str) -> "FunctionalNet":
+        return self._child(key)
+
+    def __call__(self, *args, **kwargs):
+        return self._run(f"{self._path}.forward".lstrip("."), *args, **kwargs)
+
+
 class Teacher:
     """An EMA copy of the student network without its predictor (BYOL target / MoCo key encoder / DINO teacher).
 
