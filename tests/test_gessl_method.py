@@ -205,3 +205,30 @@ def test_generative_objective_mae_two_maskings_of_one_anchor():
     logs = method.compute_grads(net, [x])
     assert torch.isfinite(torch.tensor(logs["loss"])) and logs["g_grad_norm"] > 0
     assert all(p.grad is not None for p in net.backbone.parameters())
+
+
+SMALL = {"simclr": {"proj_hidden": 16, "proj_dim": 8}, "moco_v2": {"proj_hidden": 16, "proj_dim": 8, "queue_size": 32},
+         "byol": {"proj_hidden": 16, "proj_dim": 8, "pred_hidden": 16}, "simsiam": {"proj_hidden": 16, "proj_dim": 8},
+         "dino": {"out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8},
+         "barlow_twins": {"proj_hidden": 16, "proj_dim": 16}, "vicreg": {"proj_hidden": 16, "proj_dim": 16},
+         "swav": {"proj_hidden": 16, "proj_dim": 8, "n_prototypes": 4},
+         "mae": {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}}
+
+
+@pytest.mark.parametrize("objective", list(SMALL))
+def test_gessl_wraps_every_objective_of_the_zoo(objective):
+    from bilevel_ssl.objectives import OBJECTIVES
+    from bilevel_ssl.trainer import build_net
+
+    assert set(SMALL) == set(OBJECTIVES)
+    vit = objective == "mae"
+    cfg = TrainConfig(objective=objective, objective_args=SMALL[objective], meta="gessl", meta_args={"m": 2},
+                      batch_size=8, backbone="vit_tiny" if vit else "conv4",
+                      backbone_args={"dim": 16, "depth": 1, "heads": 2} if vit else {"width": 4})
+    torch.manual_seed(0)
+    net, obj = build_net(cfg, 3, 28)
+    method = GeSSL(obj, net, cfg)
+    logs = method.compute_grads(net, [torch.rand(8, 3, 28, 28) for _ in range(method.n_views)])
+    assert torch.isfinite(torch.tensor(logs["loss"]))
+    assert logs["g_grad_norm"] > 0  # second order: g learns through θ'(θ, φ)
+    method.after_step(net, 0.5)  # teacher EMA / objective state after the outer step
