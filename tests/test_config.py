@@ -7,6 +7,7 @@ BAD = [
     ({"objective": "simclr2"}, r"objective: unknown value 'simclr2'; allowed: simclr"),
     ({"meta": "maml"}, r"meta: unknown value 'maml'; allowed: none, gessl"),
     ({"meta_args": {"m": 4}}, r"meta_args: meta-method 'none' takes no options, got \['m'\]"),
+    ({"hypergrad_args": {"fd_r": 0.1}}, r"hypergrad_args: only bi-level meta-methods use a hypergradient engine"),
     ({"hypergrad": "implicit"}, r"hypergrad: unknown value 'implicit'; allowed: second_order, first_order, aid_fd"),
     ({"backbone": "vit"}, r"backbone: unknown value 'vit'; allowed: conv4, resnet18, resnet50"),
     ({"augment": "svhn"}, r"augment: unknown value 'svhn'; allowed: cifar, stl10, imagenet, mnist, mnistm"),

@@ -143,6 +143,9 @@ class SingleLevel:
         """Validate ``cfg.meta_args`` (and anything else this method needs) before compute; raise ValueError."""
         if cfg.meta_args:
             raise ValueError(f"meta_args: meta-method 'none' takes no options, got {sorted(cfg.meta_args)}")
+        if cfg.hypergrad_args:
+            raise ValueError(f"hypergrad_args: only bi-level meta-methods use a hypergradient engine; "
+                             f"meta is 'none' (allowed meta with an engine: {', '.join(META_METHODS[1:])})")
 
     @property
     def n_views(self) -> int:
