@@ -573,9 +573,9 @@ class GeSSL(SingleLevel):
         return functional_call(self.g, dict(zip(self._g_names, phi)), (u, v))
 
     # ---------------------------------------------------------------------------------------------- the step
-    def _losses(self, net, x1, x2, anchor, teacher: Outputs | None):
-        """inner_loss and outer_loss closures over tasks given as (m, n, ...) index sets of the batch."""
-        cfg, m = self.cfg, self.cfg.m
+    def _losses(self, net, x1, x2, anchor, teacher: Outputs | None, m: int | None = None):
+        """inner_loss and outer_loss closures for the batch cut into ``m`` tasks (default ``cfg.m``)."""
+        cfg, m = self.cfg, m or self.cfg.m
         b = x1.shape[0]
         n = b // m
         stash: dict = {}
@@ -627,25 +627,20 @@ class GeSSL(SingleLevel):
         logs: dict[str, float] = {}
         if self.variant == "per_task":
             m, n = self.cfg.m, x1.shape[0] // self.cfg.m
-            single = GeSSLConfig(**{**self.cfg.__dict__, "m": 1})
-            saved, self.cfg = self.cfg, single
-            try:
-                grads_t = [torch.zeros_like(p) for p in theta]
-                grads_p = [torch.zeros_like(p) for p in phi]
-                stashes = []
-                for l in range(m):
-                    sl = slice(l * n, (l + 1) * n)
-                    t_l = None if teacher is None else _take(teacher, sl)
-                    inner, outer, stash = self._losses(net, x1[sl], x2[sl], anchor[sl], t_l)
-                    hg = self.engine(inner, outer, theta, phi, inner_lr=single.inner_lr,
-                                     inner_steps=single.inner_steps)
-                    for acc, g in zip(grads_t, hg.theta_grads):
-                        acc.add_(g, alpha=1.0 / m)
-                    for acc, g in zip(grads_p, hg.phi_grads):
-                        acc.add_(g, alpha=1.0 / m)
-                    stashes.append((stash, hg.logs))
-            finally:
-                self.cfg = saved
+            grads_t = [torch.zeros_like(p) for p in theta]
+            grads_p = [torch.zeros_like(p) for p in phi]
+            stashes = []
+            for l in range(m):  # each task adapts its own f'_l: one engine call on a batch of one task
+                sl = slice(l * n, (l + 1) * n)
+                t_l = None if teacher is None else _take(teacher, sl)
+                inner, outer, stash = self._losses(net, x1[sl], x2[sl], anchor[sl], t_l, m=1)
+                hg = self.engine(inner, outer, theta, phi, inner_lr=self.cfg.inner_lr,
+                                 inner_steps=self.cfg.inner_steps)
+                for acc, g in zip(grads_t, hg.theta_grads):
+                    acc.add_(g, alpha=1.0 / m)
+                for acc, g in zip(grads_p, hg.phi_grads):
+                    acc.add_(g, alpha=1.0 / m)
+                stashes.append((stash, hg.logs))
             query = [{k: torch.cat([s["query"][v][k] for s, _ in stashes]) for k in stashes[0][0]["query"][v]}
                      for v in range(len(stashes[0][0]["query"]))]
             for key in ("inner_ssl", "disc", "threshold"):

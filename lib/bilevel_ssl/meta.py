@@ -42,6 +42,14 @@ class SSLNet(nn.Module):
         return out
 
 
+def _resolve(root: nn.Module, path: str):
+    """The attribute at a dotted path below ``root`` (ModuleDict entries by key)."""
+    obj = root
+    for part in filter(None, path.split(".")):
+        obj = obj[part] if isinstance(obj, nn.ModuleDict) else getattr(obj, part)
+    return obj
+
+
 class _Dispatch(nn.Module):
     """Holds a network and calls the method at a dotted path of it - the one ``forward`` that
     :func:`torch.func.functional_call` can run with substituted tensors for any sub-module method."""
@@ -51,10 +59,7 @@ class _Dispatch(nn.Module):
         self.net = net
 
     def forward(self, path: str, *args, **kwargs):
-        obj = self.net
-        for part in path.split("."):
-            obj = obj[part] if isinstance(obj, nn.ModuleDict) else getattr(obj, part)
-        return obj(*args, **kwargs)
+        return _resolve(self.net, path)(*args, **kwargs)
 
 
 class FunctionalNet:
@@ -66,24 +71,18 @@ class FunctionalNet:
     which calls sub-module methods - at adapted parameters θ'."""
 
     def __init__(self, net: nn.Module, tensors: dict[str, Tensor], _path: str = "", _dispatch: _Dispatch = None):
-        self._net, self._tensors, self._path = net, tensors, _path
+        self._tensors, self._path = tensors, _path
         self._dispatch = _dispatch if _dispatch is not None else _Dispatch(net)
-
-    def _target(self):
-        obj = self._dispatch.net
-        for part in filter(None, self._path.split(".")):
-            obj = obj[part] if isinstance(obj, nn.ModuleDict) else getattr(obj, part)
-        return obj
 
     def _run(self, path: str, *args, **kwargs):
         tensors = {f"net.{k}": v for k, v in self._tensors.items()}
         return torch.func.functional_call(self._dispatch, tensors, (path, *args), kwargs)
 
     def _child(self, name: str) -> "FunctionalNet":
-        return FunctionalNet(self._net, self._tensors, f"{self._path}.{name}".lstrip("."), self._dispatch)
+        return FunctionalNet(self._dispatch.net, self._tensors, f"{self._path}.{name}".lstrip("."), self._dispatch)
 
     def __getattr__(self, name: str):
-        attr = getattr(self._target(), name)
+        attr = getattr(_resolve(self._dispatch.net, self._path), name)
         if isinstance(attr, nn.Module):
             return self._child(name)
         if callable(attr):
