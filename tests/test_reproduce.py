@@ -56,3 +56,15 @@ def test_failing_notebook_exits_nonzero_and_keeps_partial_output(fake_repo, caps
     assert nb["metadata"]["papermill"]["exception"] is True
     texts = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert "first cell ran" in texts and "never" not in texts
+    assert (fake_repo / "outputs" / "index.md").exists()  # the index is rebuilt even after a failure
+
+
+def test_successful_run_rebuilds_the_index_with_the_notebooks_metrics(fake_repo):
+    cells = ["from bilevel_ssl.paths import run_dir\nfrom bilevel_ssl.report import write_metrics\n"
+             "write_metrics(run_dir('01_x', profile), params={}, seed=0, results={'m': {'knn_acc': 0.5}},"
+             " verdicts={'R0': 'holds'}, wall_time_s=1.0)"]
+    _notebook(fake_repo / "notebooks" / "01_x.ipynb", cells, "profile: str = 'x'")
+    (fake_repo / "params" / "smoke" / "01_x.yaml").write_text("{}\n")
+    assert reproduce.main(["--profile", "smoke", "--nb", "01_x"]) == 0
+    md = (fake_repo / "outputs" / "index.md").read_text()
+    assert "## 01_x" in md and "| m | 0.500 |" in md and "**R0**: holds" in md

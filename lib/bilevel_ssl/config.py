@@ -58,6 +58,7 @@ class TrainConfig:
     _CHOICES = {"objective": tuple(OBJECTIVES), "meta": META_METHODS, "hypergrad": HYPERGRAD_ENGINES,
                 "backbone": BACKBONES,
                 "augment": tuple(PRESETS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "device": DEVICES}
+    RUN_CONTROL = ("progress", "checkpoint_every")  # how a run is shown and saved, not what it computes
     _POSITIVE = ("epochs", "batch_size", "lr")
     _NON_NEGATIVE = ("momentum", "weight_decay", "warmup_epochs", "checkpoint_every", "seed")
 

@@ -4,7 +4,7 @@ Each ``notebooks/<name>.ipynb`` runs with ``params/<profile>/<name>.yaml`` (plus
 executed, to ``outputs/<name>/<profile>/<name>.ipynb``; the notebook itself writes ``metrics.json`` and figures
 there.  All params files are validated against the notebooks' parameters cells *before* anything runs.  A
 failing notebook stops the run with exit status 1; its partially executed copy stays in place (papermill saves
-after every cell).
+after every cell).  Either way ``outputs/index.md`` / ``index.html`` are rebuilt (:mod:`bilevel_ssl.index`).
 """
 
 from __future__ import annotations
@@ -104,12 +104,22 @@ def run(names: list[str], profile: str, *, log_output: bool = False) -> int:
         except PapermillExecutionError as err:
             print(f"[reproduce] {name} FAILED in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
                   f"  partial output: {out}", file=sys.stderr)
+            _index()
             return 1
         timings[name] = time.perf_counter() - t0
         print(f"[reproduce] {name} done in {timings[name]:.0f} s", flush=True)
     print(f"[reproduce] all done in {sum(timings.values()):.0f} s: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    _index()
     return 0
+
+
+def _index() -> None:
+    """Rebuild outputs/index.md and index.html from every run's metrics.json."""
+    from .index import build
+
+    md_path, _ = build()
+    print(f"[reproduce] results index: {md_path.relative_to(repo_root())} (+ index.html)")
 
 
 def main(argv: list[str] | None = None) -> int:

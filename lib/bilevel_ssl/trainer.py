@@ -28,6 +28,7 @@ from .data import ImageSet
 from .meta import SSLNet, make_meta
 from .models import make_backbone, save_encoder
 from .objectives import Objective, make_objective
+from .runtime import tune_cpu_allocator
 
 CHECKPOINT = "checkpoint.pt"
 ENCODER = "encoder.pt"
@@ -79,12 +80,34 @@ def _save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def train_step(net: SSLNet, meta, opt: torch.optim.Optimizer, batch: torch.Tensor, aug, gen: torch.Generator
+               ) -> dict[str, float]:
+    """One optimisation step on a uint8 batch: views, the meta-method's gradients, the optimizer step.
+
+    The trainer's loop body and what :mod:`bilevel_ssl.bench` times (``meta.after_step`` - EMA teacher, queues -
+    follows it, with the schedule's progress).  Returns the meta-method's logs."""
+    x = batch.float().div_(255)
+    views = make_views(x, meta.n_views, aug, gen)
+    opt.zero_grad(set_to_none=True)
+    logs = meta.compute_grads(net, views)
+    bad = [f"{k} = {v}" for k, v in logs.items() if not math.isfinite(v)]
+    if bad:  # before the optimizer step: the parameters stay those of the last good step
+        raise FloatingPointError(", ".join(bad))
+    opt.step()
+    return logs
+
+
 def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *, resume: bool = True,
-          callbacks: tuple[Callable[[int, dict], None], ...] = ()) -> TrainResult:
+          callbacks: tuple[Callable[[int, dict], None], ...] = (),
+          monitors: tuple[Callable[[int, SSLNet], dict], ...] = ()) -> TrainResult:
     """Self-supervised training on ``data.images`` (labels are never read).
 
     ``out_dir``: where checkpoints and the encoder go (None: keep nothing on disk).  ``resume``: continue from
-    ``out_dir/checkpoint.pt`` if it exists.  ``callbacks``: ``f(epoch, record)`` after each epoch's checkpoint.
+    ``out_dir/checkpoint.pt`` if it exists.  ``monitors``: ``f(epoch, net) -> dict`` at the end of each epoch
+    (e.g. a quick k-NN of the backbone); the numbers join the epoch's history record and its checkpoint.  They
+    run under ``torch.no_grad`` with torch's global RNG forked, so they cannot change the training numbers;
+    they must leave the network's weights and train/eval mode as they found them.  ``callbacks``:
+    ``f(epoch, record)`` after each epoch's checkpoint.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected TrainConfig, got {type(cfg).__name__}")
@@ -93,6 +116,8 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
         raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the {n} training images; allowed: 2..{n}")
     device = torch.device(cfg.resolved_device())
     aug = preset(cfg.augment)
+    if device.type == "cpu":
+        tune_cpu_allocator()  # reuse freed activation memory: ~1.7x faster CPU steps (bilevel_ssl.runtime)
 
     net, objective = build_net(cfg, data.channels, data.size)
     net.to(device)
@@ -112,10 +137,11 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
         ckpt_path = out / CHECKPOINT
         if resume and ckpt_path.exists():
             ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-            if ckpt["config"] != cfg.to_dict():
+            differing = sorted(k for k in set(ckpt["config"]) | set(cfg.to_dict())
+                               if k not in TrainConfig.RUN_CONTROL and ckpt["config"].get(k) != cfg.to_dict().get(k))
+            if differing:
                 raise ConfigError(f"resume: {ckpt_path} was written with other parameters; use another out_dir "
-                                  f"or resume=False (differing keys: "
-                                  f"{sorted(k for k in ckpt['config'] if ckpt['config'][k] != cfg.to_dict().get(k))})")
+                                  f"or resume=False (differing keys: {differing})")
             net.load_state_dict(ckpt["net"])
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
@@ -134,20 +160,20 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
         logs: dict[str, float] = {}
         for step in range(steps_per_epoch):
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
-            x = images[idx].float().div_(255)
-            views = make_views(x, meta.n_views, aug, gen)
-            opt.zero_grad(set_to_none=True)
-            step_logs = meta.compute_grads(net, views)
+            try:
+                step_logs = train_step(net, meta, opt, images[idx], aug, gen)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"epoch {epoch + 1} step {step + 1}: {err}; last good checkpoint: "
+                                         f"{out / CHECKPOINT if out else 'none'}") from None
             for k, v in step_logs.items():
-                if not math.isfinite(v):
-                    raise FloatingPointError(f"epoch {epoch + 1} step {step + 1}: {k} = {v}; "
-                                             f"last good checkpoint: {out / CHECKPOINT if out else 'none'}")
                 logs[k] = logs.get(k, 0.0) + v / steps_per_epoch
-            opt.step()
             meta.after_step(net, (epoch * steps_per_epoch + step + 1) / total)
             sched.step()
         record = {"epoch": epoch + 1, **logs, "lr": opt.param_groups[0]["lr"],
                   "time_s": time.perf_counter() - t0}
+        for monitor in monitors:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                record.update(monitor(epoch + 1, net))
         history.append(record)
         bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
         if out is not None and ((cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)

@@ -1,0 +1,246 @@
+"""Step-time and memory benchmark of every objective and meta-method: ``python -m bilevel_ssl.bench``.
+
+What is measured, in one process, for each case: the **median wall time of one optimisation step** (views from a
+uint8 batch, the meta-method's gradients, the optimizer step, ``after_step``: exactly :func:`trainer.train_step`)
+after ``--warmup`` untimed steps, over ``--steps`` timed steps, and the **peak memory** of those steps.  Every case
+sees the same number of *source images per step* (``--batch``), so a ratio compares methods at equal data: GeSSL
+makes three views of each image, SimCLR two.  Each figure's ``ratio`` is to the base SimCLR step measured in the
+same run (``simclr``), so machines and load cancel out to first order; re-run on an idle machine for absolute
+times.
+
+Memory: the peak bytes of live tensors during one extra (untimed) step - parameters, batch, optimizer state and
+every activation and gradient - from ``torch.cuda.max_memory_allocated`` on CUDA and from :mod:`torch.profiler`'s
+memory timeline on CPU (allocator overhead and the Python process itself are not counted).
+
+Targets (issue #11, on the 2-core CPU at equal source images per step), checked in the JSON under ``targets``:
+GeSSL exact second order ≤ 3.5× SimCLR, GeSSL first order ≤ 2.2×, augmentation ≤ 5% of a SimCLR step.
+
+``--profile CASE`` prints the top operators of that case from :mod:`torch.profiler` (where the time goes).
+Cases of methods not yet in the library are simply absent; new meta-methods add a line to :func:`cases`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .augment import make_views, preset
+from .config import TrainConfig
+from .hypergrad import ENGINES
+from .meta import make_meta
+from .objectives import OBJECTIVES
+from .runtime import tune_cpu_allocator
+from .trainer import _optimizer, build_net, train_step
+
+TARGETS = {"gessl_second_order": 3.5, "gessl_first_order": 2.2}
+AUGMENT_TARGET = 0.05
+
+
+def cases() -> dict[str, dict]:
+    """name -> TrainConfig overrides.  Base objectives on Conv-4 (MAE on the tiny ViT it needs), GeSSL (SimCLR base)
+    with every hypergradient engine."""
+    out: dict[str, dict] = {}
+    for name in OBJECTIVES:
+        out[name] = {"objective": name, **({"backbone": "vit_tiny"} if name == "mae" else {})}
+    for engine in ENGINES:
+        out[f"gessl_{engine}"] = {"objective": "simclr", "meta": "gessl", "hypergrad": engine}
+    return out
+
+
+def _cpu_peak_mb(step) -> float:
+    """Peak bytes of live tensors during ``step()`` (parameters, inputs and optimizer state included), from
+    :mod:`torch.profiler`'s memory timeline - the CPU counterpart of ``torch.cuda.max_memory_allocated``.  Uses
+    the profiler's memory model (``_memory_profile``, a private API of torch 2.x); NaN if it is unavailable."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch.profiler._memory_profiler import Action
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            step()
+        live = peak = 0
+        for _, action, _, size in prof._memory_profile().timeline:
+            if action in (Action.PREEXISTING, Action.CREATE):
+                live += size
+            elif action == Action.DESTROY:
+                live -= size
+            peak = max(peak, live)
+        return peak / 2**20
+    except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - depends on the torch version
+        return float("nan")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _setup(overrides: dict, batch: int, device: str, channels: int, size: int):
+    cfg = TrainConfig(**{"batch_size": batch, "device": device, "progress": False, **overrides})
+    dev = torch.device(cfg.resolved_device())
+    net, objective = build_net(cfg, channels, size)
+    net.to(dev).train()
+    meta = make_meta(cfg.meta, objective, net, cfg).to(dev)
+    opt = _optimizer(cfg, [*net.parameters(), *meta.parameters()])
+    return cfg, dev, net, meta, opt
+
+
+def bench_case(overrides: dict, *, batch: int = 256, steps: int = 10, warmup: int = 3, device: str = "cpu",
+               channels: int = 3, size: int = 28, seed: int = 0, memory: bool = True) -> dict:
+    """Median step time (s), its inter-quartile range, peak memory (MB) and parameter count of one case."""
+    cfg, dev, net, meta, opt = _setup(overrides, batch, device, channels, size)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, channels, size, size), generator=gen, dtype=torch.uint8).to(dev)
+    aug = preset(cfg.augment)
+    for i in range(warmup):
+        train_step(net, meta, opt, images, aug, gen)
+        meta.after_step(net, 0.5)
+    times = []
+    gc.collect()
+    for _ in range(steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        train_step(net, meta, opt, images, aug, gen)
+        meta.after_step(net, 0.5)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+
+    def one_step():
+        train_step(net, meta, opt, images, aug, gen)
+        meta.after_step(net, 0.5)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        one_step()
+        _sync(dev)
+        mem = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:
+        mem = _cpu_peak_mb(one_step) if memory else float("nan")
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    n_params = sum(p.numel() for p in net.parameters()) + sum(p.numel() for p in meta.parameters())
+    return {"median_s": statistics.median(times), "iqr_s": q[2] - q[0], "peak_mem_mb": mem, "params": n_params,
+            "views": meta.n_views}
+
+
+def bench_augment(*, batch: int = 256, steps: int = 10, warmup: int = 3, device: str = "cpu", channels: int = 3,
+                  size: int = 28, augment: str = "mnistm", n_views: int = 2, seed: int = 0) -> float:
+    """Median time (s) of making ``n_views`` augmented views of a batch (SimCLR's share of a step)."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, channels, size, size), generator=gen, dtype=torch.uint8).to(dev)
+    aug = preset(augment)
+    times = []
+    for i in range(warmup + steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        make_views(images.float().div_(255), n_views, aug, gen)
+        _sync(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def profile_case(name: str, *, batch: int = 256, steps: int = 3, device: str = "cpu", row_limit: int = 25) -> str:
+    """torch.profiler table (self CPU/CUDA time) of ``steps`` steps of case ``name`` after one warm-up step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    all_cases = cases()
+    if name not in all_cases:
+        raise ValueError(f"--profile: unknown case {name!r}; allowed: {', '.join(all_cases)}")
+    cfg, dev, net, meta, opt = _setup(all_cases[name], batch, device, 3, 28)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, 28, 28), generator=gen, dtype=torch.uint8).to(dev)
+    aug = preset(cfg.augment)
+    train_step(net, meta, opt, images, aug, gen)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            train_step(net, meta, opt, images, aug, gen)
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=row_limit)
+
+
+def run(names: list[str] | None = None, *, batch: int = 256, steps: int = 10, warmup: int = 3, device: str = "cpu",
+        progress: bool = True) -> dict:
+    """Benchmark ``names`` (default: every case; ``simclr`` is always included as the reference)."""
+    from tqdm import tqdm
+
+    from .report import machine, versions
+
+    all_cases = cases()
+    names = list(all_cases) if not names else list(names)
+    unknown = [n for n in names if n not in all_cases]
+    if unknown:
+        raise ValueError(f"cases: unknown {unknown}; allowed: {', '.join(all_cases)}")
+    if "simclr" not in names:
+        names.insert(0, "simclr")
+    results = {}
+    for name in tqdm(names, desc="bench", disable=not progress, unit="case"):
+        results[name] = bench_case(all_cases[name], batch=batch, steps=steps, warmup=warmup, device=device)
+    ref = results["simclr"]["median_s"]
+    for r in results.values():
+        r["ratio"] = r["median_s"] / ref
+    aug_s = bench_augment(batch=batch, steps=steps, warmup=warmup, device=device)
+    targets = {name: {"ratio": results[name]["ratio"], "target": t, "met": results[name]["ratio"] <= t}
+               for name, t in TARGETS.items() if name in results}
+    targets["augment_share"] = {"ratio": aug_s / ref, "target": AUGMENT_TARGET, "met": aug_s / ref <= AUGMENT_TARGET}
+    return {"batch": batch, "steps": steps, "warmup": warmup, "device": device, "reference": "simclr",
+            "augment_s": aug_s, "cases": results, "targets": targets, "machine": machine(), "versions": versions()}
+
+
+def table(record: dict) -> str:
+    """The results as a Markdown table."""
+    lines = ["| case | views | step (s) | × SimCLR | peak memory (MB) | parameters |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in record["cases"].items():
+        lines.append(f"| {name} | {r['views']} | {r['median_s']:.3f} | {r['ratio']:.2f} | {r['peak_mem_mb']:.0f} "
+                     f"| {r['params']:,} |")
+    lines.append(f"| augmentation (2 views) | | {record['augment_s']:.4f} | "
+                 f"{record['targets']['augment_share']['ratio']:.3f} | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bilevel_ssl.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    p.add_argument("--batch", type=int, default=256, help="source images per step")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per case")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per case")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default="", help="also write the JSON here")
+    p.add_argument("--profile", default="", help="print the torch.profiler table of this case instead")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    allocator = tune_cpu_allocator() if a.device != "cuda" else False
+    if a.list:
+        print("\n".join(cases()))
+        return 0
+    if a.profile:
+        print(profile_case(a.profile, batch=a.batch, device=a.device))
+        return 0
+    names = [n.strip() for n in a.cases.split(",") if n.strip()]
+    record = run(names, batch=a.batch, steps=a.steps, warmup=a.warmup, device=a.device)
+    record["cpu_allocator_tuned"] = allocator
+    text = json.dumps(record, indent=2)
+    print(text)
+    print(table(record), file=sys.stderr)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

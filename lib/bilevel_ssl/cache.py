@@ -1,0 +1,110 @@
+"""Pre-trained encoders cached under ``outputs/cache/``, keyed by everything that determines them.
+
+Notebooks call :func:`cached_train` instead of :func:`bilevel_ssl.trainer.train`: a sweep, a later notebook or a
+re-run with the same parameters reuses the finished run instead of training it again, and a run that was killed
+resumes from its last checkpoint.  The key is a SHA-256 of
+
+* the training configuration (:class:`~bilevel_ssl.config.TrainConfig`, without ``progress`` and
+  ``checkpoint_every``, which do not change the numbers; ``device: auto`` resolved, since CPU and CUDA results
+  differ in the last bits);
+* the training images themselves (bytes and shape: a different split, subset or dataset is a different key);
+* the training code: the source of every module of the package except those that cannot change a trained
+  encoder (:data:`NEUTRAL_MODULES`: evaluators, plots, reports...), and the torch version;
+* ``tag``: what the caller adds, e.g. the name of per-epoch ``monitors`` whose numbers the cached history must hold.
+
+So a changed parameter, dataset or line of training code invalidates the entry (it is simply not found; old
+entries stay until ``make clean-outputs``).  Each entry is a folder ``<objective>-<meta>-<key[:12]>/`` with the
+trainer's ``checkpoint.pt`` and ``encoder.pt`` and a readable ``key.json``.  Two processes training the same
+entry at once are not guarded against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import TrainConfig
+from .data import ImageSet
+from .paths import repo_root
+from .trainer import CHECKPOINT, ENCODER, TrainResult, build_net, train
+
+# modules whose code cannot change what training produces
+NEUTRAL_MODULES = frozenset({"__init__.py", "bench.py", "cache.py", "data.py", "evaluate.py", "paths.py", "plots.py",
+                             "report.py", "reproduce.py", "semisup.py", "universality.py", "index.py"})
+
+
+def cache_root() -> Path:
+    """``<repo>/outputs/cache`` (``$BILEVEL_SSL_ROOT`` moves the repo root, see :mod:`bilevel_ssl.paths`)."""
+    return repo_root() / "outputs" / "cache"
+
+
+def code_fingerprint() -> str:
+    """SHA-256 of the package's training code (every ``.py`` below the package, minus :data:`NEUTRAL_MODULES`)."""
+    pkg = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg).as_posix()
+        if rel in NEUTRAL_MODULES:
+            continue
+        h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def data_fingerprint(data: ImageSet) -> str:
+    """SHA-256 of the images (bytes, dtype and shape); labels are not read by self-supervised training."""
+    images = data.images.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{tuple(images.shape)}|{images.dtype}".encode())
+    h.update(images.numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(cfg: TrainConfig, data: ImageSet, tag: str = "") -> dict:
+    """The dictionary that is hashed (also written to the entry's ``key.json``)."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in TrainConfig.RUN_CONTROL}
+    config["device"] = torch.device(cfg.resolved_device()).type
+    return {"config": config, "data": data_fingerprint(data), "code": code_fingerprint(),
+            "torch": torch.__version__, "tag": tag}
+
+
+def entry_dir(cfg: TrainConfig, data: ImageSet, tag: str = "", root: str | Path | None = None) -> Path:
+    key = cache_key(cfg, data, tag)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return Path(root or cache_root()) / f"{cfg.objective}-{cfg.meta}-{digest[:12]}"
+
+
+@dataclass
+class CachedRun(TrainResult):
+    cached: bool = False  # True when the run was loaded, not trained, by this call
+
+
+def cached_train(cfg: TrainConfig, data: ImageSet, *, tag: str = "", root: str | Path | None = None,
+                 monitors: tuple[Callable[[int, torch.nn.Module], dict], ...] = (), force: bool = False
+                 ) -> CachedRun:
+    """Train ``cfg`` on ``data`` unless the cache already holds the finished run; return it either way.
+
+    ``monitors`` are passed to :func:`~bilevel_ssl.trainer.train` (their numbers land in the history); since a
+    cache hit does not run them, name them in ``tag``.  ``force``: train again from scratch, replacing the entry.
+    The returned ``net`` is the full network (backbone + heads) as it was at the end of training.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg: expected TrainConfig, got {type(cfg).__name__}")
+    if monitors and not tag:
+        raise ValueError("tag: monitors add numbers to the cached history; name them in tag (e.g. tag='knn-monitor')")
+    folder = entry_dir(cfg, data, tag, root)
+    ckpt_path = folder / CHECKPOINT
+    if not force and ckpt_path.exists() and (folder / ENCODER).exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt["epoch"] == cfg.epochs:
+            net, _ = build_net(cfg, data.channels, data.size)
+            net.load_state_dict(ckpt["net"])
+            net.to(cfg.resolved_device())
+            return CachedRun(net, ckpt["history"], folder, cached=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "key.json").write_text(json.dumps(cache_key(cfg, data, tag), indent=2, sort_keys=True) + "\n")
+    result = train(cfg, data, folder, resume=not force, monitors=monitors)
+    return CachedRun(result.net, result.history, folder, cached=False)

@@ -1,0 +1,46 @@
+"""Process-level performance settings for CPU training.
+
+**The CPU allocator.**  A Conv-4 step on 256 images × 2 views holds activations of 512 × 64 × 28 × 28 floats =
+100 MB.  glibc's ``malloc`` serves every block above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and
+returns it with ``munmap`` when freed, so *every* such tensor costs ~25 000 page faults: measured here, ``a * 2``
+on one of them takes 41 ms with a fresh output and 5 ms into a preallocated one.  Elementwise-heavy work (BatchNorm
+and its double backward in the bi-level engines) is dominated by this.  :func:`tune_cpu_allocator` tells glibc
+(``mallopt``) to serve large blocks from the heap and to keep freed memory for reuse (``M_MMAP_MAX = 0``,
+``M_TRIM_THRESHOLD`` = 2 GiB): the next tensor of the same size reuses the pages.  Measured on the 2-core CPU
+(one thread): a SimCLR step 0.72 s → 0.43 s; the numbers computed are unchanged (only where memory comes from).
+
+Cost: the process keeps its peak heap instead of returning it to the OS between steps (its resident size stays
+at the peak of the run).  The trainer and the benchmark call it; set ``BILEVEL_SSL_MALLOC=default`` to keep
+glibc's behaviour.  It is a no-op on non-glibc platforms (macOS, Windows) and does not affect CUDA memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_state: dict[str, object] = {"tuned": None}
+ENV = "BILEVEL_SSL_MALLOC"
+
+
+def tune_cpu_allocator() -> bool:
+    """Make glibc reuse freed large blocks (see the module docstring).  Returns True when the settings are in
+    effect (now or from an earlier call), False where they do not apply or ``$BILEVEL_SSL_MALLOC`` is
+    ``default``.  Idempotent."""
+    if os.environ.get(ENV, "").lower() == "default":
+        return False
+    if _state["tuned"] is not None:
+        return bool(_state["tuned"])
+    ok = False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        mallopt = None
+    if mallopt is not None:
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    _state["tuned"] = ok
+    return ok

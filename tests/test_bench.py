@@ -1,0 +1,52 @@
+"""The benchmark harness runs, reports every figure the README table needs, and rejects unknown cases
+(timings themselves are never asserted: tests must not flake on a loaded machine)."""
+
+import json
+
+import pytest
+
+from bilevel_ssl import bench
+from bilevel_ssl.runtime import ENV, tune_cpu_allocator
+
+
+def test_cases_cover_every_objective_and_engine():
+    from bilevel_ssl.hypergrad import ENGINES
+    from bilevel_ssl.objectives import OBJECTIVES
+
+    names = bench.cases()
+    assert set(OBJECTIVES) <= set(names)
+    assert {f"gessl_{e}" for e in ENGINES} <= set(names)
+
+
+def test_run_reports_ratios_memory_and_targets():
+    record = bench.run(["gessl_first_order"], batch=16, steps=2, warmup=1, progress=False)
+    assert list(record["cases"]) == ["simclr", "gessl_first_order"]  # the reference is always measured
+    simclr, gessl = record["cases"]["simclr"], record["cases"]["gessl_first_order"]
+    assert simclr["ratio"] == 1.0
+    assert gessl["ratio"] == pytest.approx(gessl["median_s"] / simclr["median_s"])
+    assert (simclr["views"], gessl["views"]) == (2, 3)
+    assert gessl["params"] > simclr["params"]  # + the threshold network g
+    assert simclr["peak_mem_mb"] > 0 and gessl["peak_mem_mb"] > 0
+    assert set(record["targets"]) == {"gessl_first_order", "augment_share"}
+    assert record["targets"]["gessl_first_order"]["target"] == 2.2
+    json.dumps(record)  # JSON-serialisable as printed by the CLI
+    assert "| gessl_first_order | 3 |" in bench.table(record)
+
+
+def test_unknown_case_is_rejected_before_compute():
+    with pytest.raises(ValueError, match=r"cases: unknown \['simclr_typo'\]; allowed: simclr"):
+        bench.run(["simclr_typo"])
+    with pytest.raises(ValueError, match="--profile: unknown case 'nope'"):
+        bench.profile_case("nope")
+
+
+def test_cli_lists_cases(capsys):
+    assert bench.main(["--list"]) == 0
+    assert "gessl_second_order" in capsys.readouterr().out.split()
+
+
+def test_allocator_tuning_can_be_declined(monkeypatch):
+    monkeypatch.setenv(ENV, "default")
+    assert tune_cpu_allocator() is False
+    monkeypatch.delenv(ENV)
+    assert isinstance(tune_cpu_allocator(), bool)

@@ -1,0 +1,49 @@
+"""outputs/index.md and index.html: one section per notebook, metrics table, verdicts, figures, run time."""
+
+import json
+
+from bilevel_ssl.index import build, metrics_table
+
+
+def _run(root, notebook, profile, record, figures=()):
+    folder = root / notebook / profile
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(record))
+    for f in figures:
+        (folder / f).write_bytes(b"\x89PNG")
+    return folder
+
+
+def test_index_has_a_section_per_notebook_with_table_verdicts_and_figures(tmp_path):
+    _run(tmp_path, "10_gessl", "default",
+         {"results": {"simclr": {"knn_acc": 0.7123, "linear_acc": 0.8, "note": "x"},
+                      "simclr+gessl": {"knn_acc": 0.65, "linear_acc": 0.81}},
+          "verdicts": {"R1 GeSSL improves linear": "does not hold at this scale"},
+          "wall_time_s": 1234.4, "machine": {"processor": "x86_64", "cpus": 2}, "git_sha": "abcdef1234567890"},
+         figures=["fig_tsne.png"])
+    _run(tmp_path, "10_gessl", "smoke", {"results": {"simclr": {"knn_acc": 0.5}}, "wall_time_s": 9})
+    _run(tmp_path, "00_quickstart", "default", {"results": {"accuracy": 0.9}})
+    (tmp_path / "cache" / "simclr-none-abc").mkdir(parents=True)
+    (tmp_path / "cache" / "simclr-none-abc" / "metrics.json").write_text("{}")
+    md_path, html_path = build(tmp_path)
+    md = md_path.read_text()
+    assert md.index("## 00_quickstart") < md.index("## 10_gessl")
+    assert md.index("### default") < md.index("### smoke")  # the most complete profile first
+    assert "| simclr | 0.712 | 0.800 |" in md and "| simclr+gessl | 0.650 | 0.810 |" in md
+    assert "**R1 GeSSL improves linear**: does not hold at this scale" in md
+    assert "run time 1234 s" in md and "git abcdef123456" in md
+    assert "[fig_tsne.png](10_gessl/default/fig_tsne.png)" in md
+    assert "| accuracy | 0.900 |" in md
+    assert "cache" not in md.split("## ")[1:][0]
+    page = html_path.read_text()
+    assert "<img src='10_gessl/default/fig_tsne.png'" in page and "<td>0.712</td>" in page
+
+
+def test_index_columns_choose_and_order_the_table():
+    header, rows = metrics_table({"results": {"a": {"x": 1.0, "y": 2.0, "z": 3.0}}, "index_columns": ["z", "x"]})
+    assert header == ["", "z", "x"] and rows == [["a", "3.000", "1.000"]]
+
+
+def test_empty_outputs_say_how_to_make_them(tmp_path):
+    md_path, _ = build(tmp_path)
+    assert "make reproduce" in md_path.read_text()
