@@ -35,7 +35,8 @@ from .trainer import CHECKPOINT, ENCODER, TrainResult, build_net, train
 
 # modules whose code cannot change what training produces
 NEUTRAL_MODULES = frozenset({"__init__.py", "bench.py", "cache.py", "data.py", "evaluate.py", "paths.py", "plots.py",
-                             "report.py", "reproduce.py", "semisup.py", "universality.py", "index.py"})
+                             "report.py", "reproduce.py", "semisup.py", "universality.py", "index.py",
+                             "experiments.py"})
 
 
 def cache_root() -> Path:
