@@ -26,6 +26,15 @@ BAD = [
     ({"warmup_epochs": 10, "epochs": 10}, r"warmup_epochs: must be < epochs"),
     ({"backbone_args": {"depth": 3}}, r"backbone_args: unknown option\(s\) \['depth'\] for conv4; allowed: width, pool_size"),
     ({"lr_max": 0.1}, r"unknown key\(s\) \['lr_max'\]; allowed: objective, meta"),
+    ({"meta": "gessl", "batch_size": 60, "meta_args": {"m": 8}},
+     r"meta_args.m / batch_size: gessl: m=8 does not divide the batch size 60; allowed m .*: 1, 2, 3, 4, 5, 6, 10"),
+    ({"meta": "gessl", "batch_size": 16, "meta_args": {"m": 16}}, r"meta_args.m / batch_size: .*need >= 2"),
+    ({"meta": "gessl", "meta_args": {"variant": "maml"}}, r"meta_args: gessl variant 'maml' unknown; allowed: bilevel"),
+    ({"meta": "gessl", "meta_args": {"alpha": 0.1}}, r"meta_args: unknown gessl option\(s\) \['alpha'\]; allowed: mu"),
+    ({"meta": "gessl", "hypergrad_args": {"cg_iters": 3}},
+     r"hypergrad_args: .*'second_order' got unknown option\(s\) 'cg_iters'; allowed: \(none\)"),
+    ({"meta": "gessl", "objective": "simclr", "objective_args": {"temperature": -1.0}}, r"objective_args: .*temperature"),
+    ({"objective": "mae"}, r"backbone: objective mae needs one of vit_tiny, got 'conv4'"),
 ]
 
 
@@ -52,3 +61,16 @@ def test_cuda_requested_without_gpu(monkeypatch):
     with pytest.raises(ConfigError, match="device: 'cuda' was asked for"):
         TrainConfig(device="cuda").resolved_device()
     assert TrainConfig(device="auto").resolved_device() == "cpu"
+
+
+def test_missing_dataset_offline_names_the_folder_and_files(tmp_path, monkeypatch):
+    import urllib.request
+
+    from bilevel_ssl.data import DatasetUnavailable, load_dataset
+
+    def offline(*a, **k):
+        raise OSError("offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DatasetUnavailable, match=rf"dataset 'cifar10' is not under {tmp_path}.*Put the files there"):
+        load_dataset("cifar10", root=str(tmp_path))

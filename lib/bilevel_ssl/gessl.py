@@ -500,8 +500,14 @@ class GeSSL(SingleLevel):
     @classmethod
     def check_config(cls, cfg) -> None:
         variant, g = cls._options(cfg)
-        make_tasks(cfg.batch_size, g.m)  # batch must split into m tasks of >= 2 pairs; the error lists valid m
-        make_engine(cfg.hypergrad, **cfg.hypergrad_args)
+        try:  # the batch must split into m tasks of >= 2 pairs; the error lists the valid m
+            make_tasks(cfg.batch_size, g.m)
+        except ValueError as err:
+            raise ValueError(f"meta_args.m / batch_size: {err}") from None
+        try:
+            make_engine(cfg.hypergrad, **cfg.hypergrad_args)
+        except ValueError as err:
+            raise ValueError(f"hypergrad_args: {err}") from None
         from .objectives import objective_class
 
         if objective_class(cfg.objective).n_views not in (1, 2):
