@@ -51,6 +51,10 @@ def cases() -> dict[str, dict]:
         out[name] = {"objective": name, **({"backbone": "vit_tiny"} if name == "mae" else {})}
     for engine in ENGINES:
         out[f"gessl_{engine}"] = {"objective": "simclr", "meta": "gessl", "hypergrad": engine}
+    # the NHWC memory format (conv4 option), for the base step and the exact second-order step
+    out["simclr_channels_last"] = {"objective": "simclr", "backbone_args": {"width": 64, "channels_last": True}}
+    out["gessl_second_order_channels_last"] = {**out["gessl_second_order"],
+                                               "backbone_args": {"width": 64, "channels_last": True}}
     return out
 
 

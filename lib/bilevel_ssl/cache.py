@@ -20,6 +20,7 @@ entry at once are not guarded against.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -44,8 +45,10 @@ def cache_root() -> Path:
     return repo_root() / "outputs" / "cache"
 
 
+@functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """SHA-256 of the package's training code (every ``.py`` below the package, minus :data:`NEUTRAL_MODULES`)."""
+    """SHA-256 of the package's training code (every ``.py`` below the package, minus :data:`NEUTRAL_MODULES`),
+    read once per process - the code this process runs, even if the files are edited meanwhile."""
     pkg = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for path in sorted(pkg.rglob("*.py")):
