@@ -45,8 +45,8 @@ def test_cli_lists_cases(capsys):
     assert "gessl_second_order" in capsys.readouterr().out.split()
 
 
-def test_allocator_tuning_can_be_declined(monkeypatch):
+def test_allocator_tuning_is_opt_in(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert tune_cpu_allocator() is False
     monkeypatch.setenv(ENV, "default")
     assert tune_cpu_allocator() is False
-    monkeypatch.delenv(ENV)
-    assert isinstance(tune_cpu_allocator(), bool)

@@ -36,7 +36,7 @@ from .config import TrainConfig
 from .hypergrad import ENGINES
 from .meta import make_meta
 from .objectives import OBJECTIVES
-from .runtime import tune_cpu_allocator
+from .runtime import release_memory, tune_cpu_allocator
 from .trainer import _optimizer, build_net, train_step
 
 TARGETS = {"gessl_second_order": 3.5, "gessl_first_order": 2.2}
@@ -192,6 +192,7 @@ def run(names: list[str] | None = None, *, batch: int = 256, steps: int = 10, wa
     for name in tqdm(names, desc="bench", disable=not progress, unit="case"):
         try:
             results[name] = bench_case(all_cases[name], batch=batch, steps=steps, warmup=warmup, device=device)
+            release_memory()
         except FloatingPointError as err:  # report it and go on with the other cases
             results[name] = {"median_s": float("nan"), "iqr_s": float("nan"), "peak_mem_mb": float("nan"),
                              "params": 0, "views": 0, "error": f"diverged: {err}"}

@@ -73,7 +73,8 @@ def make_config(objective: str, *, meta: str = "none", dataset: str = "mnistm5k"
     return TrainConfig(objective=objective, meta=meta, meta_args=margs,
                        hypergrad=hypergrad if meta != "none" else "second_order",
                        hypergrad_args=dict(hypergrad_args or {}) if meta != "none" else {},
-                       backbone=backbone, backbone_args=dict(backbone_args or {"width": 64}),
+                       backbone=backbone,
+                       backbone_args=dict({"width": 64} if backbone_args is None else backbone_args),
                        augment=AUGMENT_PRESET.get(dataset, "cifar"), epochs=epochs, batch_size=batch_size,
                        seed=seed, device=device, progress=True, **fields)
 
