@@ -77,3 +77,42 @@ def test_monitors_are_recorded_cached_and_do_not_change_training(tiny, tmp_path)
     assert hit.cached and [r["probe"] for r in hit.history] == [1.0, 2.0] and seen == [1, 2]
     plain = train(cfg(), tiny)
     assert [r["loss"] for r in run.history] == [r["loss"] for r in plain.history]
+
+
+def test_fingerprint_ignores_docstrings_and_comments_but_not_code():
+    from bilevel_ssl.cache import _code_digest
+
+    src = b'"""Module doc."""\nimport math\n\n\ndef f(x):\n    """Doc."""\n    return math.sqrt(x)  # note\n'
+    edited_doc = src.replace(b"Module doc.", b"Other words.").replace(b"# note", b"# changed")
+    edited_code = src.replace(b"sqrt", b"exp")
+    assert _code_digest(edited_doc) == _code_digest(src)
+    assert _code_digest(edited_code) != _code_digest(src)
+    assert _code_digest(b'def g():\n    """Only a docstring."""\n') == _code_digest(b"def g():\n    pass\n")
+
+
+def test_fingerprint_covers_only_the_meta_method_in_use(monkeypatch):
+    from bilevel_ssl import cache
+
+    modules = cache._method_modules()
+    assert modules["gessl"] == "gessl.py" and "none" not in modules
+    code_fingerprint.cache_clear()
+    try:
+        real = cache._code_digest
+        # pretend gessl.py changed: runs of other methods keep their key, gessl runs get a new one
+        before = {m: code_fingerprint(m) for m in ("none", "gessl")}
+        code_fingerprint.cache_clear()
+        monkeypatch.setattr(cache, "_code_digest", lambda b: real(b) + (b"x" if b"class GeSSL(" in b else b""))
+        after = {m: code_fingerprint(m) for m in ("none", "gessl")}
+        assert after["none"] == before["none"] and after["gessl"] != before["gessl"]
+    finally:
+        code_fingerprint.cache_clear()
+
+
+def test_step_monitors_need_a_tag(tiny, tmp_path):
+    from bilevel_ssl.trainer import grad_norm_monitor
+
+    with pytest.raises(ValueError, match="tag: monitors add numbers"):
+        cached_train(cfg(), tiny, root=tmp_path, step_monitors=(grad_norm_monitor,))
+    run = cached_train(cfg(), tiny, root=tmp_path, step_monitors=(grad_norm_monitor,), tag="grad-norm")
+    assert all("grad_norm" in r and len(r["steps"]) > 0 for r in run.history)
+    assert cached_train(cfg(), tiny, root=tmp_path, tag="grad-norm").history == run.history

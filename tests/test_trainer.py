@@ -89,3 +89,29 @@ def test_non_finite_loss_stops_with_step_named_and_keeps_last_good_checkpoint(ti
     with pytest.raises(FloatingPointError, match=r"epoch 2 step 2: loss = nan; last good checkpoint: .*checkpoint.pt"):
         train(cfg(epochs=3, checkpoint_every=1), tiny, tmp_path)  # 96 images / 32 = 3 steps per epoch
     assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["epoch"] == 1
+
+
+def test_step_monitors_see_the_update_gradient_and_do_not_change_training(tiny):
+    from bilevel_ssl.trainer import grad_norm_monitor
+
+    seen = []
+
+    def manual(step, net, meta, views):  # reads .grad before the optimizer step; consumes the global RNG on purpose
+        sq = sum(float((p.grad.double() ** 2).sum()) for p in net.parameters() if p.grad is not None)
+        seen.append(step)
+        return {"manual_sq": sq + 0.0 * float(torch.rand(()))}
+
+    plain = train(cfg(epochs=2), tiny)
+    res = train(cfg(epochs=2), tiny, step_monitors=(grad_norm_monitor, manual))
+    assert [r["loss"] for r in res.history] == [r["loss"] for r in plain.history]
+    assert torch.equal(weights(res), weights(plain))
+    steps_per_epoch = len(tiny) // 32
+    assert seen == list(range(1, 2 * steps_per_epoch + 1))
+    for rec in res.history:
+        assert [s["step"] for s in rec["steps"]] == seen[(rec["epoch"] - 1) * steps_per_epoch:rec["epoch"] * steps_per_epoch]
+        for s in rec["steps"]:
+            assert s["grad_norm"] > 0 and s["grad_norm_sq"] == pytest.approx(s["manual_sq"], rel=1e-12)
+            assert s["grad_norm"] ** 2 == pytest.approx(s["grad_norm_sq"], rel=1e-9)
+        # the epoch record holds the mean over its steps, like the meta-method's logs
+        assert rec["grad_norm"] == pytest.approx(sum(s["grad_norm"] for s in rec["steps"]) / steps_per_epoch)
+    assert "steps" not in plain.history[0]

@@ -8,8 +8,9 @@ resumes from its last checkpoint.  The key is a SHA-256 of
   ``checkpoint_every``, which do not change the numbers; ``device: auto`` resolved, since CPU and CUDA results
   differ in the last bits);
 * the training images themselves (bytes and shape: a different split, subset or dataset is a different key);
-* the training code: the source of every module of the package except those that cannot change a trained
-  encoder (:data:`NEUTRAL_MODULES`: evaluators, plots, reports...), and the torch version;
+* the training code: the syntax tree of every module of the package (comments and docstrings do not count)
+  except those that cannot change a trained encoder (:data:`NEUTRAL_MODULES`: evaluators, plots, reports...) and
+  the modules of the *other* meta-methods (a TC² edit does not invalidate GeSSL's encoders), and the torch version;
 * ``tag``: what the caller adds, e.g. the name of per-epoch ``monitors`` whose numbers the cached history must hold.
 
 So a changed parameter, dataset or line of training code invalidates the entry (it is simply not found; old
@@ -20,6 +21,7 @@ entry at once are not guarded against.
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -37,7 +39,7 @@ from .trainer import CHECKPOINT, ENCODER, TrainResult, build_net, train
 # modules whose code cannot change what training produces
 NEUTRAL_MODULES = frozenset({"__init__.py", "bench.py", "cache.py", "data.py", "evaluate.py", "paths.py", "plots.py",
                              "report.py", "reproduce.py", "semisup.py", "universality.py", "index.py",
-                             "experiments.py"})
+                             "experiments.py", "conflict.py", "bissl.py"})
 
 
 def cache_root() -> Path:
@@ -45,17 +47,37 @@ def cache_root() -> Path:
     return repo_root() / "outputs" / "cache"
 
 
-@functools.lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """SHA-256 of the package's training code (every ``.py`` below the package, minus :data:`NEUTRAL_MODULES`),
-    read once per process - the code this process runs, even if the files are edited meanwhile."""
+def _method_modules() -> dict[str, str]:
+    """meta-method name -> its module file (``gessl.py``...), from the registry of :mod:`bilevel_ssl.meta`."""
+    from .meta import _REGISTRY
+
+    return {name: spec.split(":")[0] + ".py" for name, spec in _REGISTRY.items() if spec.split(":")[0] != "meta"}
+
+
+def _code_digest(source: bytes) -> bytes:
+    """The module's syntax tree without docstrings: editing a comment or a docstring keeps cached encoders."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(meta: str = "none") -> str:
+    """SHA-256 of the package's training code for a run of meta-method ``meta``: the syntax tree (without comments
+    and docstrings) of every ``.py`` below the package, minus :data:`NEUTRAL_MODULES` and the modules of the other
+    meta-methods; read once per process - the code this process runs, even if the files are edited meanwhile."""
     pkg = Path(__file__).resolve().parent
+    others = {f for name, f in _method_modules().items() if name != meta}
     h = hashlib.sha256()
     for path in sorted(pkg.rglob("*.py")):
         rel = path.relative_to(pkg).as_posix()
-        if rel in NEUTRAL_MODULES:
+        if rel in NEUTRAL_MODULES or rel in others:
             continue
-        h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+        h.update(rel.encode() + b"\0" + _code_digest(path.read_bytes()) + b"\0")
     return h.hexdigest()
 
 
@@ -71,7 +93,7 @@ def cache_key(cfg: TrainConfig, data: ImageSet, tag: str = "") -> dict:
     """The dictionary that is hashed (also written to the entry's ``key.json``)."""
     config = {k: v for k, v in cfg.to_dict().items() if k not in TrainConfig.RUN_CONTROL}
     config["device"] = torch.device(cfg.resolved_device()).type
-    return {"config": config, "data": data_fingerprint(data), "code": code_fingerprint(),
+    return {"config": config, "data": data_fingerprint(data), "code": code_fingerprint(cfg.meta),
             "torch": torch.__version__, "tag": tag}
 
 
@@ -87,17 +109,17 @@ class CachedRun(TrainResult):
 
 
 def cached_train(cfg: TrainConfig, data: ImageSet, *, tag: str = "", root: str | Path | None = None,
-                 monitors: tuple[Callable[[int, torch.nn.Module], dict], ...] = (), force: bool = False
-                 ) -> CachedRun:
+                 monitors: tuple[Callable[[int, torch.nn.Module], dict], ...] = (), force: bool = False,
+                 step_monitors: tuple[Callable, ...] = ()) -> CachedRun:
     """Train ``cfg`` on ``data`` unless the cache already holds the finished run; return it either way.
 
-    ``monitors`` are passed to :func:`~bilevel_ssl.trainer.train` (their numbers land in the history); since a
-    cache hit does not run them, name them in ``tag``.  ``force``: train again from scratch, replacing the entry.
+    ``monitors`` and ``step_monitors`` are passed to :func:`~bilevel_ssl.trainer.train` (their numbers land in the
+    history); since a cache hit does not run them, name them in ``tag``.  ``force``: train again from scratch, replacing the entry.
     The returned ``net`` is the full network (backbone + heads) as it was at the end of training.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected TrainConfig, got {type(cfg).__name__}")
-    if monitors and not tag:
+    if (monitors or step_monitors) and not tag:
         raise ValueError("tag: monitors add numbers to the cached history; name them in tag (e.g. tag='knn-monitor')")
     folder = entry_dir(cfg, data, tag, root)
     ckpt_path = folder / CHECKPOINT
@@ -110,5 +132,5 @@ def cached_train(cfg: TrainConfig, data: ImageSet, *, tag: str = "", root: str |
             return CachedRun(net, ckpt["history"], folder, cached=True)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "key.json").write_text(json.dumps(cache_key(cfg, data, tag), indent=2, sort_keys=True) + "\n")
-    result = train(cfg, data, folder, resume=not force, monitors=monitors)
+    result = train(cfg, data, folder, resume=not force, monitors=monitors, step_monitors=step_monitors)
     return CachedRun(result.net, result.history, folder, cached=False)

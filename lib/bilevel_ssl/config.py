@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # what is trained
     objective: str = "simclr"
-    meta: str = "none"              # none (plain SSL) or a bi-level method: gessl
+    meta: str = "none"              # none (plain SSL), multitask (task split + PCGrad/...), or gessl, tc2, mcr
     meta_args: dict = field(default_factory=dict)  # the meta-method's options, e.g. {"m": 8, "mu": 0.7}
     hypergrad: str = "second_order"  # hypergradient engine of the bi-level methods (bilevel_ssl.hypergrad)
     hypergrad_args: dict = field(default_factory=dict)  # engine options, e.g. {"fd_r": 0.01}

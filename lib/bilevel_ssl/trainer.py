@@ -80,12 +80,16 @@ def _save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train_step(net: SSLNet, meta, opt: torch.optim.Optimizer, batch: torch.Tensor, aug, gen: torch.Generator
-               ) -> dict[str, float]:
+StepMonitor = Callable[[int, SSLNet, object, list], dict]
+
+
+def train_step(net: SSLNet, meta, opt: torch.optim.Optimizer, batch: torch.Tensor, aug, gen: torch.Generator,
+               step_monitors: tuple[StepMonitor, ...] = (), step: int = 0) -> dict[str, float]:
     """One optimisation step on a uint8 batch: views, the meta-method's gradients, the optimizer step.
 
     The trainer's loop body and what :mod:`bilevel_ssl.bench` times (``meta.after_step`` - EMA teacher, queues -
-    follows it, with the schedule's progress).  Returns the meta-method's logs."""
+    follows it, with the schedule's progress).  Returns the meta-method's logs, then the numbers of the
+    ``step_monitors`` (see :func:`train`)."""
     x = batch.float().div_(255)
     views = make_views(x, meta.n_views, aug, gen)
     opt.zero_grad(set_to_none=True)
@@ -93,13 +97,25 @@ def train_step(net: SSLNet, meta, opt: torch.optim.Optimizer, batch: torch.Tenso
     bad = [f"{k} = {v}" for k, v in logs.items() if not math.isfinite(v)]
     if bad:  # before the optimizer step: the parameters stay those of the last good step
         raise FloatingPointError(", ".join(bad))
+    for monitor in step_monitors:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            logs.update(monitor(step, net, meta, views))
     opt.step()
     return logs
 
 
+def grad_norm_monitor(step: int, net: SSLNet, meta, views: list) -> dict[str, float]:
+    """Step monitor: ``grad_norm`` and ``grad_norm_sq``, the norm (and its square) of the network's ``.grad`` - the
+    gradient the optimizer is about to apply (weight decay and momentum are not in ``.grad``).  The epoch means of
+    both give the mean and variance of the per-step norm over a run."""
+    sq = float(sum((p.grad.detach().double() ** 2).sum() for p in net.parameters() if p.grad is not None))
+    return {"grad_norm": sq ** 0.5, "grad_norm_sq": sq}
+
+
 def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *, resume: bool = True,
           callbacks: tuple[Callable[[int, dict], None], ...] = (),
-          monitors: tuple[Callable[[int, SSLNet], dict], ...] = ()) -> TrainResult:
+          monitors: tuple[Callable[[int, SSLNet], dict], ...] = (),
+          step_monitors: tuple[StepMonitor, ...] = ()) -> TrainResult:
     """Self-supervised training on ``data.images`` (labels are never read).
 
     ``out_dir``: where checkpoints and the encoder go (None: keep nothing on disk).  ``resume``: continue from
@@ -107,7 +123,12 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
     (e.g. a quick k-NN of the backbone); the numbers join the epoch's history record and its checkpoint.  They
     run under ``torch.no_grad`` with torch's global RNG forked, so they cannot change the training numbers;
     they must leave the network's weights and train/eval mode as they found them.  ``callbacks``:
-    ``f(epoch, record)`` after each epoch's checkpoint.
+    ``f(epoch, record)`` after each epoch's checkpoint.  ``step_monitors``: ``f(step, net, meta, views) -> dict``
+    after every step's gradients are computed and before the optimizer applies them (``.grad`` holds the step's
+    update direction; ``step`` counts from 1 over the whole run), with torch's RNG forked; they must not change
+    ``.grad``, the weights or the mode (e.g. :func:`bilevel_ssl.conflict.conflict_monitor`, per-task gradient
+    cosines).  Their numbers are averaged into the epoch's record like the step logs, and kept per step in
+    ``record["steps"]`` (a list of dicts with ``"step"``).
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected TrainConfig, got {type(cfg).__name__}")
@@ -158,19 +179,25 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen)
         logs: dict[str, float] = {}
+        per_step: list[dict] = []
         for step in range(steps_per_epoch):
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
+            global_step = epoch * steps_per_epoch + step + 1
             try:
-                step_logs = train_step(net, meta, opt, images[idx], aug, gen)
+                step_logs = train_step(net, meta, opt, images[idx], aug, gen, step_monitors, global_step)
             except FloatingPointError as err:
                 raise FloatingPointError(f"epoch {epoch + 1} step {step + 1}: {err}; last good checkpoint: "
                                          f"{out / CHECKPOINT if out else 'none'}") from None
             for k, v in step_logs.items():
                 logs[k] = logs.get(k, 0.0) + v / steps_per_epoch
-            meta.after_step(net, (epoch * steps_per_epoch + step + 1) / total)
+            if step_monitors:
+                per_step.append({"step": global_step, **step_logs})
+            meta.after_step(net, global_step / total)
             sched.step()
         record = {"epoch": epoch + 1, **logs, "lr": opt.param_groups[0]["lr"],
                   "time_s": time.perf_counter() - t0}
+        if step_monitors:
+            record["steps"] = per_step
         for monitor in monitors:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
                 record.update(monitor(epoch + 1, net))
