@@ -69,3 +69,18 @@ def test_conv4_channels_last_computes_the_same_function():
     gb = torch.autograd.grad(b.square().sum(), list(fast.parameters()))
     for u, v in zip(ga, gb):
         torch.testing.assert_close(u, v, rtol=1e-3, atol=1e-4)  # float32 sums in another order
+
+
+def test_resnet_channels_last_is_the_same_function_in_nhwc():
+    import torch
+
+    from bilevel_ssl.models import make_backbone
+
+    torch.manual_seed(0)
+    a = make_backbone("resnet18", 3).eval()
+    torch.manual_seed(0)
+    b = make_backbone("resnet18", 3, channels_last=True).eval()
+    assert b.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not a.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(b(x), a(x), rtol=1e-4, atol=1e-5)

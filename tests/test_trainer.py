@@ -115,3 +115,23 @@ def test_step_monitors_see_the_update_gradient_and_do_not_change_training(tiny):
         # the epoch record holds the mean over its steps, like the meta-method's logs
         assert rec["grad_norm"] == pytest.approx(sum(s["grad_norm"] for s in rec["steps"]) / steps_per_epoch)
     assert "steps" not in plain.history[0]
+
+
+def test_non_finite_gradient_with_finite_loss_stops_naming_the_parameters(tiny, tmp_path, monkeypatch):
+    from bilevel_ssl.objectives import SimCLR
+
+    real = SimCLR.loss
+    calls = {"n": 0}
+
+    def loss_with_nan_gradient(self, student, teacher=None):
+        calls["n"] += 1
+        out = real(self, student, teacher)
+        if calls["n"] == 4:  # + sqrt(|0 * z|): value 0, gradient inf * 0 = nan into z's whole graph
+            out = out + (0.0 * student[0]["z"].sum()).abs().sqrt()
+        return out
+
+    monkeypatch.setattr(SimCLR, "loss", loss_with_nan_gradient)
+    with pytest.raises(FloatingPointError, match=r"epoch 2 step 1: non-finite gradient of backbone\.\S+, .* and \d+ "
+                                                 r"more; last good checkpoint: .*checkpoint.pt"):
+        train(cfg(epochs=3, checkpoint_every=1), tiny, tmp_path)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["epoch"] == 1

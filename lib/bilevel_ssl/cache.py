@@ -33,6 +33,7 @@ import torch
 
 from .config import TrainConfig
 from .data import ImageSet
+from .distributed import world_size_from_env
 from .paths import repo_root
 from .trainer import CHECKPOINT, ENCODER, TrainResult, build_net, train
 
@@ -93,6 +94,9 @@ def cache_key(cfg: TrainConfig, data: ImageSet, tag: str = "") -> dict:
     """The dictionary that is hashed (also written to the entry's ``key.json``)."""
     config = {k: v for k, v in cfg.to_dict().items() if k not in TrainConfig.RUN_CONTROL}
     config["device"] = torch.device(cfg.resolved_device()).type
+    world = world_size_from_env()
+    if world > 1:  # torchrun: other float summation order (single-level), other inner tasks (bi-level)
+        config["world_size"] = world
     return {"config": config, "data": data_fingerprint(data), "code": code_fingerprint(cfg.meta),
             "torch": torch.__version__, "tag": tag}
 
@@ -132,5 +136,6 @@ def cached_train(cfg: TrainConfig, data: ImageSet, *, tag: str = "", root: str |
             return CachedRun(net, ckpt["history"], folder, cached=True)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "key.json").write_text(json.dumps(cache_key(cfg, data, tag), indent=2, sort_keys=True) + "\n")
-    result = train(cfg, data, folder, resume=not force, monitors=monitors, step_monitors=step_monitors)
+    result = train(cfg, data, folder, resume=not force, overwrite=force, monitors=monitors,
+                   step_monitors=step_monitors)
     return CachedRun(result.net, result.history, folder, cached=False)

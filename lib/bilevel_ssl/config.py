@@ -21,6 +21,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("cpu", "cuda", "auto")
 HYPERGRAD_ENGINES = tuple(ENGINES)
+# engines that differentiate only once (no double backward, no finite differences): safe under bf16 autocast
+AMP_SAFE_ENGINES = ("first_order", "momentum_proxy")
 
 
 class ConfigError(ValueError):
@@ -31,7 +33,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # what is trained
     objective: str = "simclr"
-    meta: str = "none"              # none (plain SSL), multitask (task split + PCGrad/...), or gessl, tc2, mcr
+    meta: str = "none"              # none (plain SSL) or a bi-level method: gessl
     meta_args: dict = field(default_factory=dict)  # the meta-method's options, e.g. {"m": 8, "mu": 0.7}
     hypergrad: str = "second_order"  # hypergradient engine of the bi-level methods (bilevel_ssl.hypergrad)
     hypergrad_args: dict = field(default_factory=dict)  # engine options, e.g. {"fd_r": 0.01}
@@ -51,6 +53,8 @@ class TrainConfig:
     # run
     seed: int = 0
     device: str = "cpu"
+    amp: bool = False               # CUDA mixed precision (bf16 autocast) for single-level / first-order steps
+    sync_bn: bool = False           # under torchrun: BatchNorm over the global batch (single-level only)
     checkpoint_every: int = 0       # epochs between checkpoints; 0 = only when the run ends
     progress: bool = True
 
@@ -86,6 +90,15 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"backbone_args: unknown option(s) {unknown} for {self.backbone}; "
                               f"allowed: {', '.join(BACKBONE_OPTIONS[self.backbone])}")
+        if self.amp and self.device == "cpu":
+            raise ConfigError("amp: mixed precision is for device cuda (bf16 autocast); allowed with device cpu: false")
+        if self.sync_bn and self.meta != "none":
+            raise ConfigError(f"sync_bn: only for meta 'none' (bi-level methods normalise each rank's tasks "
+                              f"locally); got meta {self.meta!r}")
+        if self.amp and self.meta != "none" and self.hypergrad not in AMP_SAFE_ENGINES:
+            raise ConfigError(f"amp: mixed precision is not numerically safe for hypergradient engine "
+                              f"{self.hypergrad!r} (second derivatives / finite differences in bf16); allowed with "
+                              f"amp: {', '.join(AMP_SAFE_ENGINES)}, or meta 'none'")
         try:
             meta_class(self.meta).check_config(self)
         except ValueError as err:
@@ -112,10 +125,13 @@ class TrainConfig:
     def resolved_device(self) -> str:
         import torch
 
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.amp and not torch.cuda.is_available():
+            raise ConfigError(f"amp: mixed precision is for device cuda (bf16 autocast), and device {self.device!r} "
+                              f"resolves to cpu here; allowed on cpu: false")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device: 'cuda' was asked for but torch.cuda.is_available() is False; allowed here: cpu, auto")
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
 

@@ -84,6 +84,35 @@ def mean_ci95(values) -> tuple[float, float]:
     return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
+def episodes(labels, *, n_way: int, k_shot: int, n_query: int, n_episodes: int, seed: int):
+    """Indices of ``n_episodes`` N-way K-shot episodes: a generator of (support, query) index arrays, class-major
+    (support = ``k_shot`` per chosen class, query = ``n_query`` per chosen class, disjoint), the episode's label
+    of position i being i // k_shot (support) and i // n_query (query).  Validated before the first episode;
+    numpy ``default_rng(seed)``: per episode the classes, then each class's images, in that order."""
+    y = np.asarray(labels)
+    classes = np.unique(y)
+    if n_way > len(classes):
+        raise ValueError(f"n_way: {n_way} exceeds the {len(classes)} classes available; allowed: 2..{len(classes)}")
+    by_class = {c: np.flatnonzero(y == c) for c in classes}
+    short = [c.item() for c in classes if len(by_class[c]) < k_shot + n_query]
+    if short:
+        raise ValueError(f"k_shot, n_query: k_shot + n_query = {k_shot + n_query} exceeds the images of classes "
+                         f"{short}")
+
+    def generate():
+        rng = np.random.default_rng(seed)
+        for _ in range(n_episodes):
+            chosen = rng.choice(classes, n_way, replace=False)
+            s_idx, q_idx = [], []
+            for c in chosen:
+                idx = rng.choice(by_class[c], k_shot + n_query, replace=False)
+                s_idx.append(idx[:k_shot])
+                q_idx.append(idx[k_shot:])
+            yield np.concatenate(s_idx), np.concatenate(q_idx)
+
+    return generate()
+
+
 def few_shot(features: np.ndarray, labels, *, n_way: int = 5, k_shot: int = 5, n_query: int = 15,
              n_episodes: int = 600, seed: int = 0, classifier: str = "logreg") -> dict[str, float]:
     """N-way K-shot episodes on (novel-class) features: mean accuracy ± 95% CI over episodes.
@@ -96,25 +125,10 @@ def few_shot(features: np.ndarray, labels, *, n_way: int = 5, k_shot: int = 5, n
 
     if classifier not in ("logreg", "prototype"):
         raise ValueError(f"classifier: unknown {classifier!r}; allowed: logreg, prototype")
-    y = np.asarray(labels)
-    classes = np.unique(y)
-    if n_way > len(classes):
-        raise ValueError(f"n_way: {n_way} exceeds the {len(classes)} classes available; allowed: 2..{len(classes)}")
-    by_class = {c: np.flatnonzero(y == c) for c in classes}
-    short = [int(c) for c in classes if len(by_class[c]) < k_shot + n_query]
-    if short:
-        raise ValueError(f"k_shot + n_query = {k_shot + n_query} exceeds the images of classes {short}")
     x = features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-12)
-    rng = np.random.default_rng(seed)
     accs = np.empty(n_episodes)
-    for e in range(n_episodes):
-        chosen = rng.choice(classes, n_way, replace=False)
-        s_idx, q_idx = [], []
-        for c in chosen:
-            idx = rng.choice(by_class[c], k_shot + n_query, replace=False)
-            s_idx.append(idx[:k_shot])
-            q_idx.append(idx[k_shot:])
-        s_idx, q_idx = np.concatenate(s_idx), np.concatenate(q_idx)
+    for e, (s_idx, q_idx) in enumerate(episodes(labels, n_way=n_way, k_shot=k_shot, n_query=n_query,
+                                                 n_episodes=n_episodes, seed=seed)):
         s_y, q_y = np.repeat(np.arange(n_way), k_shot), np.repeat(np.arange(n_way), n_query)
         if classifier == "prototype":
             protos = x[s_idx].reshape(n_way, k_shot, -1).mean(1)

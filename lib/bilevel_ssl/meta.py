@@ -161,8 +161,20 @@ class SingleLevel:
         teacher = self.objective.outputs(self.teacher, x, n) if self.teacher is not None else None
         return student, teacher
 
+    dist = None  # a bilevel_ssl.distributed.Dist under torchrun (set by the trainer)
+
+    def distributed_reduction(self) -> str:
+        """How the trainer all-reduces this method's gradients under torchrun: "sum" when :meth:`compute_grads`
+        computes the loss of the gathered global batch (each rank then holds a part of its gradient), "mean" when
+        each rank's gradient is a full gradient of its own shard's loss (the bi-level methods' outer steps)."""
+        return "sum" if type(self).compute_grads is SingleLevel.compute_grads else "mean"
+
     def compute_grads(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
         student, teacher = self.forward(net, views)
+        if self.dist is not None:  # torchrun: the loss of the global batch (bilevel_ssl.distributed)
+            from .distributed import gather_outputs
+
+            student, teacher = gather_outputs(student, self.dist), gather_outputs(teacher, self.dist)
         loss = self.objective.loss(student, teacher)
         loss.backward()
         self._last = (student, teacher)
@@ -194,7 +206,8 @@ class SingleLevel:
         return self
 
 
-# name -> "module:Class", resolved on use (the bi-level methods import the hypergradient engines).
+# name -> "module:Class", resolved on use (the bi-level methods import the hypergradient engines).  A method's
+# own module enters the encoder cache's code fingerprint only for runs of that method (bilevel_ssl.cache).
 _REGISTRY = {"none": "meta:SingleLevel", "gessl": "gessl:GeSSL"}
 META_METHODS = tuple(_REGISTRY)
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-BACKBONE_OPTIONS = {"conv4": ("width", "pool_size", "channels_last"), "resnet18": ("small_stem",), "resnet50": ("small_stem",),
+BACKBONE_OPTIONS = {"conv4": ("width", "pool_size", "channels_last"), "resnet18": ("small_stem", "channels_last"),
+                    "resnet50": ("small_stem", "channels_last"),
                     "vit_tiny": ("image_size", "patch_size", "dim", "depth", "heads", "mlp_ratio")}
 BACKBONES = tuple(BACKBONE_OPTIONS)
 
@@ -55,7 +56,9 @@ class Conv4(nn.Module):
         return self.pool(self.features(x)).flatten(1).contiguous()
 
 
-def _torchvision_resnet(name: str, in_channels: int, small_stem: bool) -> nn.Module:
+def _torchvision_resnet(name: str, in_channels: int, small_stem: bool, channels_last: bool = False) -> nn.Module:
+    """torchvision's ResNet without its classifier.  ``channels_last``: weights in NHWC, so convolutions run (and
+    return) NHWC - the fast layout for cuDNN with tensor cores (and AMP); off by default."""
     import torchvision
 
     net = getattr(torchvision.models, name)(weights=None)
@@ -66,6 +69,8 @@ def _torchvision_resnet(name: str, in_channels: int, small_stem: bool) -> nn.Mod
         net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
     net.feature_dim = net.fc.in_features
     net.fc = nn.Identity()
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
     return net
 
 
@@ -85,7 +90,8 @@ def make_backbone(name: str, in_channels: int = 3, **kwargs) -> nn.Module:
 
         net = ViT(in_channels=in_channels, **kwargs)
     else:
-        net = _torchvision_resnet(name, in_channels, kwargs.get("small_stem", name == "resnet18"))
+        net = _torchvision_resnet(name, in_channels, kwargs.get("small_stem", name == "resnet18"),
+                                  kwargs.get("channels_last", False))
     net.spec = {"name": name, "in_channels": in_channels, **kwargs}
     return net
 

@@ -5,6 +5,8 @@ executed, to ``outputs/<name>/<profile>/<name>.ipynb``; the notebook itself writ
 there.  All params files are validated against the notebooks' parameters cells *before* anything runs.  A
 failing notebook stops the run with exit status 1; its partially executed copy stays in place (papermill saves
 after every cell).  Either way ``outputs/index.md`` / ``index.html`` are rebuilt (:mod:`bilevel_ssl.index`).
+A run never silently replaces an earlier one: the previous ``outputs/<name>/<profile>/`` is moved to
+``outputs/<name>/archive/`` first (:func:`archive_previous`; the index lists only the current runs).
 """
 
 from __future__ import annotations
@@ -73,6 +75,23 @@ def validate_params(name: str, params: dict, *, where: str = "") -> list[str]:
     return errors
 
 
+def archive_previous(run_folder: Path) -> Path | None:
+    """Move a non-empty ``outputs/<name>/<profile>/`` to ``outputs/<name>/archive/<profile>-<time>/`` (time of
+    its ``metrics.json``, else of the move), so a new run never silently replaces an earlier one's numbers."""
+    if not run_folder.is_dir() or not any(run_folder.iterdir()):
+        return None
+    metrics = run_folder / "metrics.json"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(metrics.stat().st_mtime if metrics.exists() else None))
+    target = run_folder.parent / "archive" / f"{run_folder.name}-{stamp}"
+    k = 1
+    while target.exists():
+        k += 1
+        target = run_folder.parent / "archive" / f"{run_folder.name}-{stamp}-{k}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    run_folder.rename(target)
+    return target
+
+
 def run(names: list[str], profile: str, *, log_output: bool = False) -> int:
     plan = []
     errors = []
@@ -94,6 +113,10 @@ def run(names: list[str], profile: str, *, log_output: bool = False) -> int:
     timings = {}
     for name, params in plan:
         out = outputs_dir() / name / profile / f"{name}.ipynb"
+        moved = archive_previous(out.parent)
+        if moved is not None:
+            print(f"[reproduce] the previous {profile} run of {name} moved to {moved.relative_to(repo_root())}",
+                  flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"[reproduce] {name} ({profile}) -> {out.relative_to(repo_root())}", flush=True)
         t0 = time.perf_counter()

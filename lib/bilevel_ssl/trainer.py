@@ -12,8 +12,12 @@ to ``<out_dir>/encoder.pt`` (:func:`bilevel_ssl.models.load_encoder`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .augment import make_views, preset
 from .config import ConfigError, TrainConfig
 from .data import ImageSet
@@ -83,24 +88,48 @@ def _save_atomic(obj: dict, path: Path) -> None:
 StepMonitor = Callable[[int, SSLNet, object, list], dict]
 
 
+def _named(meta) -> list[tuple[str, torch.nn.Parameter]]:
+    """The meta-method's own parameters (GeSSL's g...), named ``meta.<i>`` for error messages."""
+    return [(f"meta-method parameter {i}", p) for i, p in enumerate(meta.parameters())]
+
+
 def train_step(net: SSLNet, meta, opt: torch.optim.Optimizer, batch: torch.Tensor, aug, gen: torch.Generator,
-               step_monitors: tuple[StepMonitor, ...] = (), step: int = 0) -> dict[str, float]:
+               step_monitors: tuple[StepMonitor, ...] = (), step: int = 0, *, dist: distributed.Dist | None = None,
+               amp: bool = False, sync_buffers: bool = False) -> dict[str, float]:
     """One optimisation step on a uint8 batch: views, the meta-method's gradients, the optimizer step.
 
     The trainer's loop body and what :mod:`bilevel_ssl.bench` times (``meta.after_step`` - EMA teacher, queues -
     follows it, with the schedule's progress).  Returns the meta-method's logs, then the numbers of the
-    ``step_monitors`` (see :func:`train`)."""
+    ``step_monitors`` (see :func:`train`).  Under torchrun (``dist``): ``batch`` is the global batch; its views
+    are drawn whole and this rank keeps its shard; gradients are all-reduced as the meta-method requires and the
+    logs averaged (:mod:`bilevel_ssl.distributed`).  ``amp``: bf16 autocast around the forward/backward (CUDA)."""
     x = batch.float().div_(255)
     views = make_views(x, meta.n_views, aug, gen)
+    if dist is not None:
+        rows = distributed.shard(x.shape[0], dist)
+        views = [v[rows] for v in views]
     opt.zero_grad(set_to_none=True)
-    logs = meta.compute_grads(net, views)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logs = meta.compute_grads(net, views)
+    if dist is not None:
+        distributed.reduce_grads([p for g in opt.param_groups for p in g["params"]], dist,
+                                 meta.distributed_reduction())
+        logs = distributed.average_logs(logs, dist)
     bad = [f"{k} = {v}" for k, v in logs.items() if not math.isfinite(v)]
+    if not bad:  # one reduction over all gradients; names only when something is wrong
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            bad = [f"gradient of {name}" for name, p in [*net.named_parameters(), *_named(meta)]
+                   if p.grad is not None and not torch.isfinite(p.grad).all()]
+            bad = [f"non-finite {', '.join(bad[:5])}" + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")]
     if bad:  # before the optimizer step: the parameters stay those of the last good step
         raise FloatingPointError(", ".join(bad))
     for monitor in step_monitors:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             logs.update(monitor(step, net, meta, views))
     opt.step()
+    if sync_buffers:
+        distributed.broadcast_buffers(net, dist)
     return logs
 
 
@@ -112,14 +141,45 @@ def grad_norm_monitor(step: int, net: SSLNet, meta, views: list) -> dict[str, fl
     return {"grad_norm": sq ** 0.5, "grad_norm_sq": sq}
 
 
+class _Sigterm:
+    """While active (main thread only), SIGTERM sets a flag instead of killing the process; the trainer checks it
+    after every step, writes a mid-epoch checkpoint and exits with status 143 (128 + SIGTERM)."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+    def check(self, dist: distributed.Dist | None) -> bool:
+        """Whether to stop now; under torchrun, when any rank was asked (all ranks stop at the same step)."""
+        if dist is None:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=dist.device)
+        torch.distributed.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+
 def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *, resume: bool = True,
-          callbacks: tuple[Callable[[int, dict], None], ...] = (),
+          overwrite: bool = False, callbacks: tuple[Callable[[int, dict], None], ...] = (),
           monitors: tuple[Callable[[int, SSLNet], dict], ...] = (),
           step_monitors: tuple[StepMonitor, ...] = ()) -> TrainResult:
     """Self-supervised training on ``data.images`` (labels are never read).
 
     ``out_dir``: where checkpoints and the encoder go (None: keep nothing on disk).  ``resume``: continue from
-    ``out_dir/checkpoint.pt`` if it exists.  ``monitors``: ``f(epoch, net) -> dict`` at the end of each epoch
+    ``out_dir/checkpoint.pt`` if it exists (also from the mid-epoch checkpoint a SIGTERM leaves: the run then ends
+    with exactly the numbers of an uninterrupted one); with ``resume=False`` an existing checkpoint is an error
+    unless ``overwrite=True`` - a run directory is never replaced silently.  ``monitors``: ``f(epoch, net) -> dict`` at the end of each epoch
     (e.g. a quick k-NN of the backbone); the numbers join the epoch's history record and its checkpoint.  They
     run under ``torch.no_grad`` with torch's global RNG forked, so they cannot change the training numbers;
     they must leave the network's weights and train/eval mode as they found them.  ``callbacks``:
@@ -135,14 +195,36 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
     n = len(data)
     if cfg.batch_size > n:
         raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the {n} training images; allowed: 2..{n}")
-    device = torch.device(cfg.resolved_device())
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and not resume and not overwrite and (out / CHECKPOINT).exists():
+        raise ConfigError(f"out_dir: {out} holds the checkpoint of an earlier run; resume=True continues it, "
+                          f"overwrite=True replaces it, or choose another out_dir")
+    world = distributed.world_size_from_env()
+    if world > 1 and cfg.batch_size % world:
+        raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must split into {world} equal shards "
+                          f"(WORLD_SIZE={world}); allowed: multiples of {world}")
+    if world > 1:  # the meta-method's batch checks (tasks of >= 2 pairs, ...) apply to each rank's shard
+        from .meta import meta_class
+
+        local = cfg.batch_size // world
+        try:
+            meta_class(cfg.meta).check_config(dataclasses.replace(cfg, batch_size=local))
+        except ValueError as err:
+            raise ConfigError(f"batch_size / WORLD_SIZE: the per-rank batch of {local} "
+                              f"({cfg.batch_size} / {world}) is not valid: {err}") from None
+    dist = distributed.init(cfg.resolved_device())
+    device = dist.device if dist is not None else torch.device(cfg.resolved_device())
+    main = dist is None or dist.is_main
     aug = preset(cfg.augment)
     if device.type == "cpu":
         tune_cpu_allocator()  # only with BILEVEL_SSL_MALLOC=reuse: ~1.7x faster CPU steps (bilevel_ssl.runtime)
 
     net, objective = build_net(cfg, data.channels, data.size)
+    if dist is not None and cfg.sync_bn:
+        net = distributed.convert_sync_batchnorm(net, device)
     net.to(device)
     meta = make_meta(cfg.meta, objective, net, cfg).to(device)
+    meta.dist = dist
     opt = _optimizer(cfg, [*net.parameters(), *meta.parameters()])
     steps_per_epoch = n // cfg.batch_size  # drop_last: every step sees a full batch (BatchNorm, negatives)
     total = steps_per_epoch * cfg.epochs
@@ -150,9 +232,8 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
         opt, lambda s: lr_factor(s, total, cfg.warmup_epochs * steps_per_epoch, cfg.schedule))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     history: list[dict] = []
-    start_epoch = 0
+    start_epoch, partial = 0, None
 
-    out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         ckpt_path = out / CHECKPOINT
@@ -162,7 +243,7 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
                                if k not in TrainConfig.RUN_CONTROL and ckpt["config"].get(k) != cfg.to_dict().get(k))
             if differing:
                 raise ConfigError(f"resume: {ckpt_path} was written with other parameters; use another out_dir "
-                                  f"or resume=False (differing keys: {differing})")
+                                  f"or overwrite=True with resume=False (differing keys: {differing})")
             net.load_state_dict(ckpt["net"])
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
@@ -170,49 +251,108 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
             gen.set_state(ckpt["generator"])
             torch.set_rng_state(ckpt["torch_rng"])
             history, start_epoch = ckpt["history"], ckpt["epoch"]
+            partial = ckpt.get("partial")  # a mid-epoch (SIGTERM) checkpoint: where the epoch stopped
 
-    images = data.images.to(device)
-    net.train()
-    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.objective}/{cfg.meta}", disable=not cfg.progress,
-               initial=start_epoch, total=cfg.epochs, unit="epoch")
-    for epoch in bar:
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen)
-        logs: dict[str, float] = {}
-        per_step: list[dict] = []
-        for step in range(steps_per_epoch):
-            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
-            global_step = epoch * steps_per_epoch + step + 1
-            try:
-                step_logs = train_step(net, meta, opt, images[idx], aug, gen, step_monitors, global_step)
-            except FloatingPointError as err:
-                raise FloatingPointError(f"epoch {epoch + 1} step {step + 1}: {err}; last good checkpoint: "
-                                         f"{out / CHECKPOINT if out else 'none'}") from None
-            for k, v in step_logs.items():
-                logs[k] = logs.get(k, 0.0) + v / steps_per_epoch
-            if step_monitors:
-                per_step.append({"step": global_step, **step_logs})
-            meta.after_step(net, global_step / total)
-            sched.step()
-        record = {"epoch": epoch + 1, **logs, "lr": opt.param_groups[0]["lr"],
-                  "time_s": time.perf_counter() - t0}
-        if step_monitors:
-            record["steps"] = per_step
-        for monitor in monitors:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-                record.update(monitor(epoch + 1, net))
-        history.append(record)
-        bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
-        if out is not None and ((cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)
-                                or epoch + 1 == cfg.epochs):
+    def checkpoint(epoch_done: int, part: dict | None = None) -> None:
+        if main:
             _save_atomic({"config": cfg.to_dict(), "net": net.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "meta": meta.state_dict(), "generator": gen.get_state(),
-                          "torch_rng": torch.get_rng_state(), "history": history,
-                          "epoch": epoch + 1}, out / CHECKPOINT)
-        for cb in callbacks:
-            cb(epoch + 1, record)
+                          "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch_done,
+                          "partial": part}, out / CHECKPOINT)
+
+    images = data.images
+    if device.type == "cuda":  # the dataset lives on the GPU; pinned pages make the one copy asynchronous
+        images = images.pin_memory().to(device, non_blocking=True)
+    else:
+        images = images.to(device)
+    net.train()
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.objective}/{cfg.meta}", disable=not (cfg.progress and main),
+               initial=start_epoch, total=cfg.epochs, unit="epoch")
+    sigterm = _Sigterm()
+    with sigterm:
+        for epoch in bar:
+            t0 = time.perf_counter()
+            if partial is not None:  # finish the epoch a SIGTERM interrupted, exactly as it would have gone
+                perm, first, logs, per_step = partial["perm"], partial["step"], partial["logs"], partial["per_step"]
+                t0 -= partial["time_s"]
+                partial = None
+            else:
+                perm, first, logs, per_step = torch.randperm(n, generator=gen), 0, {}, []
+            for step in range(first, steps_per_epoch):
+                idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
+                global_step = epoch * steps_per_epoch + step + 1
+                try:
+                    step_logs = train_step(net, meta, opt, images[idx], aug, gen, step_monitors, global_step,
+                                           dist=dist, amp=cfg.amp, sync_buffers=dist is not None and not cfg.sync_bn)
+                except FloatingPointError as err:
+                    raise FloatingPointError(f"epoch {epoch + 1} step {step + 1}: {err}; last good checkpoint: "
+                                             f"{out / CHECKPOINT if out else 'none'}") from None
+                for k, v in step_logs.items():
+                    logs[k] = logs.get(k, 0.0) + v / steps_per_epoch
+                if step_monitors:
+                    per_step.append({"step": global_step, **step_logs})
+                meta.after_step(net, global_step / total)
+                sched.step()
+                if sigterm.check(dist) and step + 1 < steps_per_epoch:
+                    where = "nowhere (no out_dir)"
+                    if out is not None:
+                        checkpoint(epoch, {"perm": perm, "step": step + 1, "logs": logs, "per_step": per_step,
+                                           "time_s": time.perf_counter() - t0})
+                        where = str(out / CHECKPOINT)
+                    print(f"SIGTERM: stopped at epoch {epoch + 1} step {step + 1}; checkpoint: {where}; the same "
+                          f"call with resume=True continues exactly", file=sys.stderr, flush=True)
+                    raise SystemExit(128 + signal.SIGTERM)
+            record = {"epoch": epoch + 1, **logs, "lr": opt.param_groups[0]["lr"],
+                      "time_s": time.perf_counter() - t0}
+            if step_monitors:
+                record["steps"] = per_step
+            if main:
+                for monitor in monitors:
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                        record.update(monitor(epoch + 1, net))
+            history.append(record)
+            bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+            if out is not None and ((cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)
+                                    or epoch + 1 == cfg.epochs):
+                checkpoint(epoch + 1)
+            for cb in callbacks:
+                cb(epoch + 1, record)
     bar.close()
     release_memory()  # the allocator keeps freed blocks during training (bilevel_ssl.runtime); give them back
-    if out is not None:
+    if out is not None and main:
         save_encoder(net.backbone, out / ENCODER, objective=cfg.objective, meta=cfg.meta, epochs=cfg.epochs)
     return TrainResult(net, history, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bilevel_ssl.trainer RUN.yaml --out DIR [--dataset mnistm5k] [--data-root PATH]`` (also under
+    ``torchrun``): train the TrainConfig of RUN.yaml (its keys, validated) on a dataset, write checkpoints, the
+    encoder and ``metrics.json`` (the history) to DIR.  Resumes DIR if it holds a checkpoint of the same run."""
+    import argparse
+
+    import yaml
+
+    from .data import load_dataset
+    from .report import write_metrics
+
+    ap = argparse.ArgumentParser(prog="python -m bilevel_ssl.trainer", description=main.__doc__.split("\n")[0])
+    ap.add_argument("config", help="YAML file with TrainConfig keys")
+    ap.add_argument("--out", required=True, help="run directory (checkpoint.pt, encoder.pt, metrics.json)")
+    ap.add_argument("--dataset", default="mnistm5k")
+    ap.add_argument("--data-root", default=None)
+    args = ap.parse_args(argv)
+    cfg = TrainConfig.from_dict(yaml.safe_load(Path(args.config).read_text()) or {})
+    data = load_dataset(args.dataset, root=args.data_root)
+    result = train(cfg, data, args.out)
+    if distributed.world_size_from_env() <= 1 or torch.distributed.get_rank() == 0:
+        write_metrics(args.out, params={**cfg.to_dict(), "dataset": args.dataset,
+                                        "world_size": distributed.world_size_from_env()},
+                      seed=cfg.seed, results={"final": {k: v for k, v in result.history[-1].items()
+                                                        if isinstance(v, float)}}, history=result.history)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -151,15 +151,9 @@ def sigma_measure(train_x: np.ndarray, train_y, test_x: np.ndarray, test_y, nove
     if novel_x is not None:
         novel_x, novel_y = np.asarray(novel_x), np.asarray(novel_y)
         _check_xy(novel_x, novel_y, "novel_x", "novel_y")
-        novel_classes = np.unique(novel_y)
-        if n_way > len(novel_classes):
-            raise ValueError(f"n_way: {n_way} exceeds the {len(novel_classes)} novel classes; "
-                             f"allowed: 2..{len(novel_classes)}")
-        by_class = {c: np.flatnonzero(novel_y == c) for c in novel_classes}
-        short = [c.item() for c in novel_classes if len(by_class[c]) < k_shot + n_query]
-        if short:
-            raise ValueError(f"k_shot, n_query: k_shot + n_query = {k_shot + n_query} exceeds the samples of novel "
-                             f"classes {short}")
+        from .evaluate import episodes
+
+        tasks = episodes(novel_y, n_way=n_way, k_shot=k_shot, n_query=n_query, n_episodes=n_tasks, seed=seed)
 
     clf = _fit(head, seed, train_x, train_y)
     sigma_disc, acc_disc = _sigma(clf, train_x, train_y)
@@ -174,20 +168,13 @@ def sigma_measure(train_x: np.ndarray, train_y, test_x: np.ndarray, test_y, nove
 
         from .evaluate import mean_ci95
 
-        rng = np.random.default_rng(seed)
         sigmas, accs = np.empty(n_tasks), np.empty(n_tasks)
         s_y, q_y = np.repeat(np.arange(n_way), k_shot), np.repeat(np.arange(n_way), n_query)
         # one BLAS thread: on these tiny per-task fits, thread hand-offs cost ~20x the arithmetic
         with threadpool_limits(limits=1, user_api="blas"):
-            for t in range(n_tasks):
-                chosen = rng.choice(novel_classes, n_way, replace=False)
-                s_idx, q_idx = [], []
-                for c in chosen:
-                    idx = rng.choice(by_class[c], k_shot + n_query, replace=False)
-                    s_idx.append(idx[:k_shot])
-                    q_idx.append(idx[k_shot:])
-                task_clf = _fit(head, seed, novel_x[np.concatenate(s_idx)], s_y)
-                sigmas[t], accs[t] = _sigma(task_clf, novel_x[np.concatenate(q_idx)], q_y)
+            for t, (s_idx, q_idx) in enumerate(tasks):  # the same episodes as evaluate.few_shot with this seed
+                task_clf = _fit(head, seed, novel_x[s_idx], s_y)
+                sigmas[t], accs[t] = _sigma(task_clf, novel_x[q_idx], q_y)
         out["sigma_trans"], out["sigma_trans_ci95"] = mean_ci95(sigmas)
         out["sigma_trans_norm"] = normalise_sigma(out["sigma_trans"], n_way)
         out["acc_trans"] = float(accs.mean())
