@@ -314,3 +314,43 @@ def test_bad_config_field_is_named(field, value):
 def test_bad_input_rejected(x):
     with pytest.raises(ValueError, match="x must be"):
         augment(x, AugmentConfig(), gen())
+
+
+def test_rotate90_shows_the_crop_rotated_by_a_right_angle_exactly():
+    x = torch.rand(64, 3, 12, 12)
+    cfg = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
+                        rotate90_p=1.0)
+    y = augment(x, cfg, torch.Generator().manual_seed(0))
+    turns = []
+    for i in range(len(x)):
+        match = [r for r in (1, 2, 3) if torch.allclose(y[i], torch.rot90(x[i], r, dims=(1, 2)), atol=1e-6)]
+        assert len(match) == 1, i  # never unrotated, never interpolated
+        turns.append(match[0])
+    assert set(turns) == {1, 2, 3}  # every right angle occurs (64 draws)
+    half = AugmentConfig(**{**cfg.__dict__, "rotate90_p": 0.5})
+    y = augment(x, half, torch.Generator().manual_seed(0))
+    kept = sum(torch.allclose(y[i], x[i], atol=1e-6) for i in range(len(x)))
+    assert 16 <= kept <= 48
+
+
+def test_rotation_off_keeps_the_random_stream_of_existing_configs():
+    x = torch.rand(8, 3, 12, 12)
+    a = augment(x, AugmentConfig(), torch.Generator().manual_seed(1))
+    b = augment(x, AugmentConfig(rotate90_p=0.0), torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+def test_overrides_are_validated_with_the_key_named():
+    from bilevel_ssl.augment import PRESETS, with_overrides
+
+    cfg = with_overrides(PRESETS["mnistm"], {"rotate90_p": 0.75, "crop_scale": [1, 1], "flip_p": 0})
+    assert cfg.crop_scale == (1.0, 1.0) and cfg.rotate90_p == 0.75 and cfg.flip_p == 0.0
+    assert PRESETS["mnistm"].rotate90_p == 0.0  # the preset itself is untouched
+    for bad, match in (({"rotate": 1}, r"augment_args: unknown field\(s\) \['rotate'\]; allowed: .*rotate90_p"),
+                       ({"flip_p": 2.0}, r"augment_args: AugmentConfig.flip_p must be in \[0, 1\]"),
+                       ({"crop_scale": [0.5]}, r"augment_args.crop_scale: expected a pair"),
+                       ({"jitter_p": "0.8"}, r"augment_args.jitter_p: expected a number")):
+        with pytest.raises(ValueError, match=match):
+            with_overrides(PRESETS["mnistm"], bad)
+    with pytest.raises(ValueError, match="rotate90_p must be 0 for non-square images"):
+        augment(torch.rand(2, 3, 8, 10), AugmentConfig(rotate90_p=0.5), torch.Generator())

@@ -35,6 +35,10 @@ BAD = [
      r"hypergrad_args: .*'second_order' got unknown option\(s\) 'cg_iters'; allowed: \(none\)"),
     ({"meta": "gessl", "objective": "simclr", "objective_args": {"temperature": -1.0}}, r"objective_args: .*temperature"),
     ({"objective": "mae"}, r"backbone: objective mae needs one of vit_tiny, got 'conv4'"),
+    ({"augment_args": {"rotation": 0.5}}, r"augment_args: unknown field\(s\) \['rotation'\]; allowed: crop_scale"),
+    ({"augment_args": {"flip_p": 1.5}}, r"augment_args: AugmentConfig.flip_p must be in \[0, 1\]"),
+    ({"amp": True}, r"amp: mixed precision is for device cuda .* allowed with device cpu: false"),
+    ({"sync_bn": True, "meta": "gessl"}, r"sync_bn: only for meta 'none'"),
 ]
 
 

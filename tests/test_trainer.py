@@ -135,3 +135,12 @@ def test_non_finite_gradient_with_finite_loss_stops_naming_the_parameters(tiny, 
                                                  r"more; last good checkpoint: .*checkpoint.pt"):
         train(cfg(epochs=3, checkpoint_every=1), tiny, tmp_path)
     assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["epoch"] == 1
+
+
+def test_augment_args_change_the_views_and_are_validated_before_compute(tiny):
+    a = train(cfg(epochs=1), tiny)
+    b = train(cfg(epochs=1, augment_args={"rotate90_p": 0.75}), tiny)
+    assert [r["loss"] for r in a.history] != [r["loss"] for r in b.history]
+    assert cfg(augment_args={"rotate90_p": 0.75}).augmentation().rotate90_p == 0.75
+    with pytest.raises(ConfigError, match=r"augment_args: unknown field\(s\) \['rotation'\]"):
+        cfg(augment_args={"rotation": 0.5})

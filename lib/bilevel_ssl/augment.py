@@ -65,6 +65,7 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel_frac: float = 0.1  # kernel size ~ this fraction of the side, odd, >= 3
     out_size: int | None = None  # output side; None = input side
+    rotate90_p: float = 0.0  # probability of a right-angle rotation (90, 180 or 270 degrees, equally likely)
 
 
 # SimCLR jitter "strength" s gives (0.8s, 0.8s, 0.8s, 0.2s); the values below are s = 0.5.
@@ -111,7 +112,7 @@ def _check(x: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> None:
     def bad(field: str, allowed: str) -> ValueError:
         return ValueError(f"AugmentConfig.{field} must be {allowed}, got {getattr(cfg, field)!r}")
 
-    for f in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
+    for f in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "rotate90_p"):
         if not 0.0 <= getattr(cfg, f) <= 1.0:
             raise bad(f, "in [0, 1]")
     for f in ("brightness", "contrast", "saturation"):
@@ -130,6 +131,8 @@ def _check(x: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> None:
         raise bad("blur_kernel_frac", "in (0, 1]")
     if cfg.out_size is not None and not (isinstance(cfg.out_size, int) and cfg.out_size >= 1):
         raise bad("out_size", "None or an int >= 1")
+    if cfg.rotate90_p > 0 and x.shape[-1] != x.shape[-2]:
+        raise bad("rotate90_p", f"0 for non-square images ({x.shape[-2]}x{x.shape[-1]})")
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> Tensor:
@@ -161,6 +164,47 @@ def _crop_flip_theta(n: int, h: int, w: int, cfg: AugmentConfig, g: torch.Genera
     theta[:, 1, 1] = ch
     theta[:, 1, 2] = cy
     return theta
+
+
+_COS90, _SIN90 = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0, 0.0, -1.0],
+                                                                                       dtype=torch.float64)
+
+
+def _rotate90(theta: Tensor, on: Tensor, k: Tensor) -> Tensor:
+    """Compose each sample's sampling map with a rotation of the *output* frame by k·90° where ``on``: the crop
+    is taken as before and shown rotated.  A right-angle rotation maps the pixel centres of a square grid onto
+    pixel centres (``align_corners=False`` coordinates are symmetric), so it adds no interpolation of its own."""
+    k = torch.where(on, k, torch.zeros_like(k))
+    c, s = _COS90[k], _SIN90[k]
+    rot = torch.stack([torch.stack([c, -s], 1), torch.stack([s, c], 1)], 1)  # (n, 2, 2)
+    out = theta.clone()
+    out[:, :, :2] = theta[:, :, :2] @ rot
+    return out
+
+
+def with_overrides(cfg: AugmentConfig, overrides: dict, key: str = "augment_args") -> AugmentConfig:
+    """``cfg`` with some fields replaced (a ``TrainConfig.augment_args``), validated before any compute: unknown
+    fields and bad values raise ValueError naming ``<key>.<field>``; lists become the tuples the ranges need."""
+    from dataclasses import fields, replace
+
+    names = [f.name for f in fields(AugmentConfig)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"{key}: unknown field(s) {unknown}; allowed: {', '.join(names)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    for k, v in values.items():
+        default = getattr(cfg, k)
+        if isinstance(default, tuple) and not (isinstance(v, tuple) and len(v) == 2
+                                                and all(isinstance(e, (int, float)) for e in v)):
+            raise ValueError(f"{key}.{k}: expected a pair [lo, hi] of numbers, got {v!r}")
+        if isinstance(default, float) and not (isinstance(v, (int, float)) and not isinstance(v, bool)):
+            raise ValueError(f"{key}.{k}: expected a number, got {type(v).__name__} {v!r}")
+    new = replace(cfg, **{k: (float(v) if isinstance(getattr(cfg, k), float) else v) for k, v in values.items()})
+    try:
+        _check(torch.zeros(1, 3, 8, 8), new, torch.Generator())
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
+    return new
 
 
 def _gray(x: Tensor) -> Tensor:
@@ -225,6 +269,8 @@ def augment(x: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor
     gray = _bernoulli(n, cfg.grayscale_p, g)
     blur = _bernoulli(n, cfg.blur_p, g)
     sigma = _uniform(n, *cfg.blur_sigma, g)
+    if cfg.rotate90_p > 0:  # drawn last and only when on: configs without rotation keep their random stream
+        theta = _rotate90(theta, _bernoulli(n, cfg.rotate90_p, g), torch.randint(1, 4, (n,), generator=g))
 
     def col(v: Tensor) -> Tensor:  # CPU (n,) -> (n, 1, 1, 1) on x's device
         return v.to(device=dev, dtype=dt if v.is_floating_point() else v.dtype).view(n, 1, 1, 1)

@@ -87,6 +87,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _device(device: str) -> torch.device:
+    """``device`` as TrainConfig resolves it (``auto``: CUDA if present; ``cuda`` without a GPU is an error)."""
+    return torch.device(TrainConfig(device=device).resolved_device())
+
+
 def _setup(overrides: dict, batch: int, device: str, channels: int, size: int):
     # a small lr: the step's cost does not depend on it, and random images must not make a loss diverge
     cfg = TrainConfig(**{"batch_size": batch, "device": device, "progress": False, "lr": 1e-3, **overrides})
@@ -104,7 +109,7 @@ def bench_case(overrides: dict, *, batch: int = 256, steps: int = 10, warmup: in
     cfg, dev, net, meta, opt = _setup(overrides, batch, device, channels, size)
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, channels, size, size), generator=gen, dtype=torch.uint8).to(dev)
-    aug = preset(cfg.augment)
+    aug = cfg.augmentation()
     for i in range(warmup):
         train_step(net, meta, opt, images, aug, gen)
         meta.after_step(net, 0.5)
@@ -138,8 +143,7 @@ def bench_case(overrides: dict, *, batch: int = 256, steps: int = 10, warmup: in
 def bench_augment(*, batch: int = 256, steps: int = 10, warmup: int = 3, device: str = "cpu", channels: int = 3,
                   size: int = 28, augment: str = "mnistm", n_views: int = 2, seed: int = 0) -> float:
     """Median time (s) of making ``n_views`` augmented views of a batch (SimCLR's share of a step)."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = _device(device)
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, channels, size, size), generator=gen, dtype=torch.uint8).to(dev)
     aug = preset(augment)
@@ -164,7 +168,7 @@ def profile_case(name: str, *, batch: int = 256, steps: int = 3, device: str = "
     cfg, dev, net, meta, opt = _setup(all_cases[name], batch, device, 3, 28)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, 28, 28), generator=gen, dtype=torch.uint8).to(dev)
-    aug = preset(cfg.augment)
+    aug = cfg.augmentation()
     train_step(net, meta, opt, images, aug, gen)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -175,8 +179,9 @@ def profile_case(name: str, *, batch: int = 256, steps: int = 3, device: str = "
 
 
 def run(names: list[str] | None = None, *, batch: int = 256, steps: int = 10, warmup: int = 3, device: str = "cpu",
-        progress: bool = True) -> dict:
-    """Benchmark ``names`` (default: every case; ``simclr`` is always included as the reference)."""
+        progress: bool = True, memory: bool = True) -> dict:
+    """Benchmark ``names`` (default: every case; ``simclr`` is always included as the reference).  ``memory``:
+    also measure each case's peak memory (on CPU one extra profiled step per case)."""
     from tqdm import tqdm
 
     from .report import machine, versions
@@ -191,7 +196,8 @@ def run(names: list[str] | None = None, *, batch: int = 256, steps: int = 10, wa
     results = {}
     for name in tqdm(names, desc="bench", disable=not progress, unit="case"):
         try:
-            results[name] = bench_case(all_cases[name], batch=batch, steps=steps, warmup=warmup, device=device)
+            results[name] = bench_case(all_cases[name], batch=batch, steps=steps, warmup=warmup, device=device,
+                                       memory=memory)
             release_memory()
         except FloatingPointError as err:  # report it and go on with the other cases
             results[name] = {"median_s": float("nan"), "iqr_s": float("nan"), "peak_mem_mb": float("nan"),

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .augment import PRESETS
+from .augment import PRESETS, with_overrides
 from .hypergrad import ENGINES
 from .meta import META_METHODS, meta_class
 from .models import BACKBONE_OPTIONS, BACKBONES
@@ -41,6 +41,7 @@ class TrainConfig:
     objective_args: dict = field(default_factory=dict)  # the objective's own options, e.g. {"temperature": 0.2}
     backbone_args: dict = field(default_factory=dict)  # e.g. {"width": 64} (conv4), {"patch_size": 4} (vit_tiny)
     augment: str = "mnistm"         # augmentation preset (bilevel_ssl.augment.PRESETS)
+    augment_args: dict = field(default_factory=dict)  # preset fields replaced, e.g. {"rotate90_p": 0.75, "flip_p": 0}
     # optimisation
     epochs: int = 10
     batch_size: int = 256
@@ -86,6 +87,10 @@ class TrainConfig:
             objective = make_objective(self.objective, **self.objective_args)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"objective_args: {err}") from err
+        try:
+            with_overrides(PRESETS[self.augment], self.augment_args)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         unknown = sorted(set(self.backbone_args) - set(BACKBONE_OPTIONS[self.backbone]))
         if unknown:
             raise ConfigError(f"backbone_args: unknown option(s) {unknown} for {self.backbone}; "
@@ -118,6 +123,10 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown key(s) {unknown}; allowed: {', '.join(cls.keys())}")
         return cls(**d)
+
+    def augmentation(self):
+        """The :class:`~bilevel_ssl.augment.AugmentConfig` of this run: preset ``augment`` with ``augment_args``."""
+        return with_overrides(PRESETS[self.augment], self.augment_args)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .augment import make_views, preset
+from .augment import make_views, preset, with_overrides
 from .config import ConfigError, TrainConfig
 from .data import ImageSet
 from .meta import SSLNet, make_meta
@@ -215,7 +215,7 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
     dist = distributed.init(cfg.resolved_device())
     device = dist.device if dist is not None else torch.device(cfg.resolved_device())
     main = dist is None or dist.is_main
-    aug = preset(cfg.augment)
+    aug = with_overrides(preset(cfg.augment), cfg.augment_args)
     if device.type == "cpu":
         tune_cpu_allocator()  # only with BILEVEL_SSL_MALLOC=reuse: ~1.7x faster CPU steps (bilevel_ssl.runtime)
 
