@@ -16,10 +16,24 @@ def test_cases_cover_every_objective_and_engine():
     names = bench.cases()
     assert set(OBJECTIVES) <= set(names)
     assert {f"gessl_{e}" for e in ENGINES} <= set(names)
+    assert {"multitask_sum", "multitask_pcgrad", "tc2_second_order", "mcr_second_order"} <= set(names)
+
+
+def test_new_method_cases_run_and_bissl_reports_its_steps():
+    record = bench.run(["multitask_pcgrad", "tc2_first_order", "mcr_second_order"], batch=16, steps=1, warmup=1,
+                       progress=False, memory=False)
+    assert {k: r["views"] for k, r in record["cases"].items()} == {
+        "simclr": 2, "multitask_pcgrad": 2, "tc2_first_order": 4, "mcr_second_order": 2}
+    b = record["bissl"]
+    assert b["cg_iters"] == 5 and b["upper_over_hvps"] == pytest.approx(b["upper_s"] / b["hvps_s"])
+    assert b["lower_ratio"] == pytest.approx(b["lower_s"] / record["cases"]["simclr"]["median_s"])
+    assert record["targets"]["bissl_upper_over_hvps"]["target"] == 1.2
+    assert "| BiSSL upper step (5 CG iterations;" in bench.table(record)
+    json.dumps(record)
 
 
 def test_run_reports_ratios_memory_and_targets():
-    record = bench.run(["gessl_first_order"], batch=16, steps=2, warmup=1, progress=False)
+    record = bench.run(["gessl_first_order"], batch=16, steps=2, warmup=1, progress=False, bissl=False)
     assert list(record["cases"]) == ["simclr", "gessl_first_order"]  # the reference is always measured
     simclr, gessl = record["cases"]["simclr"], record["cases"]["gessl_first_order"]
     assert simclr["ratio"] == 1.0

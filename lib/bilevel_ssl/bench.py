@@ -13,7 +13,8 @@ every activation and gradient - from ``torch.cuda.max_memory_allocated`` on CUDA
 memory timeline on CPU (allocator overhead and the Python process itself are not counted).
 
 Targets (issue #11, on the 2-core CPU at equal source images per step), checked in the JSON under ``targets``:
-GeSSL exact second order ≤ 3.5× SimCLR, GeSSL first order ≤ 2.2×, augmentation ≤ 5% of a SimCLR step.
+GeSSL exact second order ≤ 3.5× SimCLR, GeSSL first order ≤ 2.2×, augmentation ≤ 5% of a SimCLR step, a BiSSL
+upper step ≤ 1.2× the N_c Hessian-vector products it needs (:func:`bench_bissl`).
 
 ``--profile CASE`` prints the top operators of that case from :mod:`torch.profiler` (where the time goes).
 Cases of methods not yet in the library are simply absent; new meta-methods add a line to :func:`cases`.
@@ -41,6 +42,7 @@ from .trainer import _optimizer, build_net, train_step
 
 TARGETS = {"gessl_second_order": 3.5, "gessl_first_order": 2.2}
 AUGMENT_TARGET = 0.05
+BISSL_TARGET = 1.2  # a BiSSL upper step costs at most 1.2x the N_c Hessian-vector products it needs
 
 
 def cases() -> dict[str, dict]:
@@ -51,6 +53,12 @@ def cases() -> dict[str, dict]:
         out[name] = {"objective": name, **({"backbone": "vit_tiny"} if name == "mae" else {})}
     for engine in ENGINES:
         out[f"gessl_{engine}"] = {"objective": "simclr", "meta": "gessl", "hypergrad": engine}
+    # the multi-task baselines of TC²'s Fig. 1 and TC² itself (both stages, exact second order), MCR (Algorithm 1)
+    for combine in ("sum", "pcgrad", "gradvac"):
+        out[f"multitask_{combine}"] = {"objective": "simclr", "meta": "multitask", "meta_args": {"combine": combine}}
+    out["tc2_second_order"] = {"objective": "simclr", "meta": "tc2", "hypergrad": "second_order"}
+    out["tc2_first_order"] = {"objective": "simclr", "meta": "tc2", "hypergrad": "first_order"}
+    out["mcr_second_order"] = {"objective": "simclr", "meta": "mcr", "hypergrad": "second_order"}
     # the NHWC memory format (conv4 option), for the base step and the exact second-order step
     out["simclr_channels_last"] = {"objective": "simclr", "backbone_args": {"width": 64, "channels_last": True}}
     out["gessl_second_order_channels_last"] = {**out["gessl_second_order"],
@@ -158,6 +166,56 @@ def bench_augment(*, batch: int = 256, steps: int = 10, warmup: int = 3, device:
     return statistics.median(times)
 
 
+def bench_bissl(*, batch: int = 256, steps: int = 10, warmup: int = 3, device: str = "cpu", channels: int = 3,
+                size: int = 28, seed: int = 0, n_classes: int = 10) -> dict:
+    """BiSSL's two steps (:class:`bilevel_ssl.bissl.BiSSLStage`, paper defaults: N_c = 5 layer-wise CG iterations)
+    on random images, SimCLR pretext, Conv-4: median time of a lower step (pretext loss + proximal term), of
+    building the Hessian operator on one pretext batch (``hvp_setup``: the forward and the gradient kept for
+    differentiation, once per alternation), of one upper step (downstream gradients + CG solve + update), and of
+    the N_c HVPs alone; ``upper_over_hvps`` = upper step / N_c HVPs (issue #11 target ≤ 1.2)."""
+    from .bissl import BiSSLConfig, BiSSLStage, DownstreamHead, PretextModel
+    from .data import ImageSet
+    from .meta import SingleLevel
+
+    cfg = TrainConfig(batch_size=batch, device=device, progress=False, lr=1e-3)
+    dev = torch.device(cfg.resolved_device())
+    net, objective = build_net(cfg, channels, size)
+    pretext = PretextModel(net, objective, SingleLevel(objective, net).teacher, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, channels, size, size), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, n_classes, (batch,), generator=gen)
+    down = ImageSet(images, labels, "random")
+    bcfg = BiSSLConfig(alternations=10 ** 6, downstream_batch_size=batch, device=device, progress=False, seed=seed)
+    stage = BiSSLStage(pretext, DownstreamHead(net.backbone.feature_dim, n_classes).to(dev), down, down, bcfg)
+    idx = torch.arange(batch)
+    views = stage.views(idx, gen)
+    x, y = stage.downstream_batch(idx)
+    v = [torch.randn_like(p) for p in stage.theta_P]
+
+    def timed(fn) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(steps):
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    out = {"lower_s": timed(lambda: stage.lower_step(views))}  # moves θ_P: the Hessian is built after it
+    setup_and_one = timed(lambda: stage.pretext_hessian(views).hvp(v))
+    H = stage.pretext_hessian(views)
+    out["upper_s"] = timed(lambda: stage.upper_step(x, y, H))  # moves θ_D and the head only
+    out["hvps_s"] = timed(lambda: [H.hvp(v) for _ in range(bcfg.cg_iters)])
+    out["hvp_setup_s"] = setup_and_one - out["hvps_s"] / bcfg.cg_iters
+    out["cg_iters"] = bcfg.cg_iters
+    out["upper_over_hvps"] = out["upper_s"] / out["hvps_s"]
+    release_memory()
+    return out
+
+
 def profile_case(name: str, *, batch: int = 256, steps: int = 3, device: str = "cpu", row_limit: int = 25) -> str:
     """torch.profiler table (self CPU/CUDA time) of ``steps`` steps of case ``name`` after one warm-up step."""
     from torch.profiler import ProfilerActivity, profile
@@ -179,9 +237,10 @@ def profile_case(name: str, *, batch: int = 256, steps: int = 3, device: str = "
 
 
 def run(names: list[str] | None = None, *, batch: int = 256, steps: int = 10, warmup: int = 3, device: str = "cpu",
-        progress: bool = True, memory: bool = True) -> dict:
+        progress: bool = True, memory: bool = True, bissl: bool = True) -> dict:
     """Benchmark ``names`` (default: every case; ``simclr`` is always included as the reference).  ``memory``:
-    also measure each case's peak memory (on CPU one extra profiled step per case)."""
+    also measure each case's peak memory (on CPU one extra profiled step per case).  ``bissl``: also time BiSSL's
+    lower and upper steps (:func:`bench_bissl`, under ``record["bissl"]``)."""
     from tqdm import tqdm
 
     from .report import machine, versions
@@ -209,8 +268,15 @@ def run(names: list[str] | None = None, *, batch: int = 256, steps: int = 10, wa
     targets = {name: {"ratio": results[name]["ratio"], "target": t, "met": results[name]["ratio"] <= t}
                for name, t in TARGETS.items() if name in results}
     targets["augment_share"] = {"ratio": aug_s / ref, "target": AUGMENT_TARGET, "met": aug_s / ref <= AUGMENT_TARGET}
-    return {"batch": batch, "steps": steps, "warmup": warmup, "device": device, "reference": "simclr",
-            "augment_s": aug_s, "cases": results, "targets": targets, "machine": machine(), "versions": versions()}
+    record = {"batch": batch, "steps": steps, "warmup": warmup, "device": device, "reference": "simclr",
+              "augment_s": aug_s, "cases": results, "targets": targets, "machine": machine(), "versions": versions()}
+    if bissl:
+        b = bench_bissl(batch=batch, steps=steps, warmup=warmup, device=device)
+        b["lower_ratio"], b["upper_ratio"] = b["lower_s"] / ref, b["upper_s"] / ref
+        record["bissl"] = b
+        targets["bissl_upper_over_hvps"] = {"ratio": b["upper_over_hvps"], "target": BISSL_TARGET,
+                                            "met": b["upper_over_hvps"] <= BISSL_TARGET}
+    return record
 
 
 def table(record: dict) -> str:
@@ -222,6 +288,11 @@ def table(record: dict) -> str:
                      f"| {r['params']:,} |")
     lines.append(f"| augmentation (2 views) | | {record['augment_s']:.4f} | "
                  f"{record['targets']['augment_share']['ratio']:.3f} | | |")
+    if "bissl" in record:
+        b = record["bissl"]
+        lines.append(f"| BiSSL lower step | 2 | {b['lower_s']:.3f} | {b['lower_ratio']:.2f} | | |")
+        lines.append(f"| BiSSL upper step ({b['cg_iters']} CG iterations; {b['upper_over_hvps']:.2f}x its HVPs) | | "
+                     f"{b['upper_s']:.3f} | {b['upper_ratio']:.2f} | | |")
     return "\n".join(lines)
 
 
@@ -236,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="", help="also write the JSON here")
     p.add_argument("--profile", default="", help="print the torch.profiler table of this case instead")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--no-bissl", action="store_true", help="skip BiSSL's lower/upper step timing")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -247,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         print(profile_case(a.profile, batch=a.batch, device=a.device))
         return 0
     names = [n.strip() for n in a.cases.split(",") if n.strip()]
-    record = run(names, batch=a.batch, steps=a.steps, warmup=a.warmup, device=a.device)
+    record = run(names, batch=a.batch, steps=a.steps, warmup=a.warmup, device=a.device, bissl=not a.no_bissl)
     record["cpu_allocator_tuned"] = allocator
     text = json.dumps(record, indent=2)
     print(text)

@@ -208,7 +208,8 @@ class SingleLevel:
 
 # name -> "module:Class", resolved on use (the bi-level methods import the hypergradient engines).  A method's
 # own module enters the encoder cache's code fingerprint only for runs of that method (bilevel_ssl.cache).
-_REGISTRY = {"none": "meta:SingleLevel", "gessl": "gessl:GeSSL"}
+_REGISTRY = {"none": "meta:SingleLevel", "gessl": "gessl:GeSSL", "multitask": "multitask:MultiTask",
+             "tc2": "tc2:TC2", "mcr": "mcr:MCR"}
 META_METHODS = tuple(_REGISTRY)
 
 

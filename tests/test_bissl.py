@@ -1,0 +1,546 @@
+"""BiSSL stage: the implicit upper-level gradient against closed forms and explicit Hessians, the two steps of
+Algorithm 1 against independent autograd, clipping, batching (App. B.4), BatchNorm re-estimation (App. C.2),
+determinism, errors, and a tiny end-to-end pipeline.
+
+float64 wherever the check is about the maths (agreement up to rounding); tolerances are stated per test.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from bilevel_ssl.bissl import (
+    BatchStack,
+    BiSSLConfig,
+    BiSSLStage,
+    DownstreamHead,
+    FinetuneConfig,
+    PretextData,
+    PretextModel,
+    cg_diagnostics,
+    clip_gradients,
+    hessian_extremes,
+    continue_pretext,
+    equivalent_epochs,
+    ig_matvec,
+    implicit_gradient,
+    prepare_downstream,
+    reestimate_bn,
+    run_bissl,
+    run_pipeline,
+    upper_backbone_gradient,
+    warmup_head,
+)
+from bilevel_ssl.config import TrainConfig
+from bilevel_ssl.data import ImageSet
+from bilevel_ssl.hypergrad import InnerHessian
+from bilevel_ssl.meta import SingleLevel
+from bilevel_ssl.trainer import build_net
+
+DT = torch.float64
+SHAPES = [(3,), (2, 2)]  # 7 unknowns in two tensors
+
+
+def flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def split(x, shapes=SHAPES):
+    out, i = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(x[i:i + n].reshape(s).clone())
+        i += n
+    return out
+
+
+def spd(n, lo, hi, gen):
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    return q @ torch.diag(torch.linspace(lo, hi, n, dtype=DT)) @ q.T
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the implicit gradient on a quadratic bilevel problem with a closed-form answer
+
+
+def quadratic_problem(seed=0, lam=0.3):
+    g = torch.Generator().manual_seed(seed)
+    A = spd(7, 0.5, 4.0, g)                      # lower: ½θᵀAθ − bᵀθ + λ/2‖θ − θ_D‖²
+    b = torch.randn(7, generator=g, dtype=DT)
+    C = spd(7, 0.2, 3.0, g)                      # upper: L_D(θ) = ½θᵀCθ − dᵀθ
+    d = torch.randn(7, generator=g, dtype=DT)
+    theta_D = torch.randn(7, generator=g, dtype=DT)
+    return A, b, C, d, theta_D, lam
+
+
+def test_closed_form_reference_is_right():
+    """θ_P*(θ_D) = (A + λI)⁻¹(b + λθ_D) is the lower minimiser and dθ_P*/dθ_D = (I + A/λ)⁻¹ (Eq. 6)."""
+    A, b, C, d, theta_D, lam = quadratic_problem()
+    sol = lambda td: torch.linalg.solve(A + lam * torch.eye(7, dtype=DT), b + lam * td)
+    tp = sol(theta_D)
+    torch.testing.assert_close(A @ tp - b + lam * (tp - theta_D), torch.zeros(7, dtype=DT), atol=1e-12, rtol=0)
+    J = torch.autograd.functional.jacobian(sol, theta_D)
+    torch.testing.assert_close(J, torch.linalg.inv(torch.eye(7, dtype=DT) + A / lam), atol=1e-12, rtol=0)
+
+
+def test_upper_gradient_matches_closed_form_on_quadratic():
+    """Pipeline code path (InnerHessian HVPs -> ig_matvec -> hypergrad CG -> + direct term) with λ_damp = 0 and
+    enough iterations equals dF/dθ_D of F(θ_D) = L_D(θ_P*(θ_D)) + L_D(θ_D), differentiated by autograd through the
+    exact linear solve (Eq. 4 and 7)."""
+    A, b, C, d, theta_D, lam = quadratic_problem()
+    L_D = lambda th: 0.5 * th @ C @ th - d @ th
+
+    def F_upper(td):
+        tp = torch.linalg.solve(A + lam * torch.eye(7, dtype=DT), b + lam * td)
+        return L_D(tp) + L_D(td)
+
+    exact = torch.autograd.functional.jacobian(F_upper, theta_D)
+    tp = torch.linalg.solve(A + lam * torch.eye(7, dtype=DT), b + lam * theta_D)
+    H = InnerHessian(lambda th, _: 0.5 * flat(th) @ A @ flat(th) - b @ flat(th), split(tp))
+    v, direct = split(C @ tp - d), split(C @ theta_D - d)
+    v_ig, res = implicit_gradient(H.hvp, v, lam=lam, damping=0.0, iters=7, layerwise=False, residual=True)
+    g = upper_backbone_gradient(v_ig, direct, 1.0)
+    torch.testing.assert_close(flat(g), exact, atol=1e-9, rtol=0)
+    assert res < 1e-9
+
+
+def test_damping_replaces_lambda_as_in_algorithm_2():
+    """λ_damp > 0: the solve is (I + H/(λ + λ_damp))⁻¹ v (Alg. 2), not Eq. 7's (I + H/λ)⁻¹ v."""
+    A, b, C, d, theta_D, lam = quadratic_problem(seed=1)
+    v = torch.randn(7, generator=torch.Generator().manual_seed(5), dtype=DT)
+    hvp = lambda vs: split(A @ flat(vs))
+    x, _ = implicit_gradient(hvp, split(v), lam=lam, damping=10.0, iters=7, layerwise=False)
+    want = torch.linalg.solve(torch.eye(7, dtype=DT) + A / (lam + 10.0), v)
+    torch.testing.assert_close(flat(x), want, atol=1e-10, rtol=0)
+    not_eq7 = torch.linalg.solve(torch.eye(7, dtype=DT) + A / lam, v)
+    assert (flat(x) - not_eq7).norm() > 0.1 * want.norm()
+    # the matvec itself
+    torch.testing.assert_close(flat(ig_matvec(hvp, lam, 10.0)(split(v))), v + A @ v / (lam + 10.0), atol=1e-12, rtol=0)
+
+
+def test_few_cg_iterations_are_approximate_and_the_residual_says_so():
+    A, b, C, d, theta_D, lam = quadratic_problem(seed=2, lam=0.05)  # I + A/λ: condition number ~ 70
+    v = split(torch.randn(7, generator=torch.Generator().manual_seed(3), dtype=DT))
+    hvp = lambda vs: split(A @ flat(vs))
+    _, r1 = implicit_gradient(hvp, v, lam=lam, damping=0.0, iters=1, layerwise=False, residual=True)
+    _, r3 = implicit_gradient(hvp, v, lam=lam, damping=0.0, iters=3, layerwise=False, residual=True)
+    _, r7 = implicit_gradient(hvp, v, lam=lam, damping=0.0, iters=7, layerwise=False, residual=True)
+    assert r1 > r3 > r7 and r1 > 0.05 and r7 < 1e-8
+    _, r_none = implicit_gradient(hvp, v, lam=lam, damping=0.0, iters=1, layerwise=False)
+    assert math.isnan(r_none)  # not computed unless asked (it costs one more HVP)
+
+
+def test_layerwise_cg_on_block_diagonal_problem():
+    """Per-tensor step sizes make CG exact on each block: blocks of 3 and 4 unknowns are solved after 4 iterations,
+    while one global step size needs all 7 (distinct eigenvalues)."""
+    g = torch.Generator().manual_seed(4)
+    B1, B2 = spd(3, 0.5, 5.0, g), spd(4, 1.0, 9.0, g)
+    M = torch.block_diag(B1, B2)
+    v = torch.randn(7, generator=g, dtype=DT)
+    lam = 0.7
+    hvp = lambda vs: [B1 @ vs[0], (B2 @ vs[1].reshape(-1)).reshape(2, 2)]
+    want = torch.linalg.solve(torch.eye(7, dtype=DT) + M / lam, v)
+    x_lw, r_lw = implicit_gradient(hvp, split(v), lam=lam, damping=0.0, iters=4, layerwise=True, residual=True)
+    torch.testing.assert_close(flat(x_lw), want, atol=1e-10, rtol=0)
+    x_gl, r_gl = implicit_gradient(hvp, split(v), lam=lam, damping=0.0, iters=4, layerwise=False, residual=True)
+    assert (flat(x_gl) - want).norm() > 1e-6 and r_gl > 1e-6 > r_lw
+    # on a coupled (not block-diagonal) operator the per-tensor steps are a heuristic, not a solver: it does not
+    # reach the solution even with many iterations, which global CG reaches in 7
+    A = spd(7, 0.5, 4.0, g)
+    hvp_full = lambda vs: split(A @ flat(vs))
+    want = torch.linalg.solve(torch.eye(7, dtype=DT) + A / lam, v)
+    x_lw, _ = implicit_gradient(hvp_full, split(v), lam=lam, damping=0.0, iters=50, layerwise=True)
+    x_gl, _ = implicit_gradient(hvp_full, split(v), lam=lam, damping=0.0, iters=7, layerwise=False)
+    torch.testing.assert_close(flat(x_gl), want, atol=1e-9, rtol=0)
+    assert (flat(x_lw) - want).norm() > 1e-3 * want.norm()
+
+
+def test_hessian_extremes_of_an_indefinite_matrix():
+    g = torch.Generator().manual_seed(6)
+    q, _ = torch.linalg.qr(torch.randn(7, 7, generator=g, dtype=DT))
+    M = q @ torch.diag(torch.tensor([-3.0, -1.0, 0.5, 1.0, 2.0, 4.0, 9.0], dtype=DT)) @ q.T
+    lo, hi = hessian_extremes(lambda vs: split(M @ flat(vs)), split(torch.zeros(7, dtype=DT)), iters=300)
+    assert lo == pytest.approx(-3.0, abs=1e-6) and hi == pytest.approx(9.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a tiny network: HVP vs explicit Hessian, the two steps of Algorithm 1
+
+
+def tiny_pretext(seed=0, momentum=0.0, dtype=DT, objective="simclr"):
+    args = {"temperature": 0.5, "proj_hidden": 4, "proj_dim": 3} if objective == "simclr" else \
+        {"proj_hidden": 4, "proj_dim": 3, "pred_hidden": 4}
+    cfg = TrainConfig(objective=objective, objective_args=args, backbone="conv4", backbone_args={"width": 2},
+                      batch_size=8, lr=0.1, momentum=momentum, weight_decay=0.0, seed=seed, progress=False)
+    net, obj = build_net(cfg, 3, 16)
+    net.to(dtype)
+    meta = SingleLevel(obj, net)
+    return PretextModel(net, obj, meta.teacher, cfg)
+
+
+def tiny_images(n=16, size=16, seed=0, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+                    torch.arange(n) % classes, "tiny")
+
+
+def tiny_stage(cfg_kw=None, seed=0):
+    pm = tiny_pretext(seed)
+    down = tiny_images(16, seed=1)
+    cfg = BiSSLConfig(**{"alternations": 2, "lower_steps": 1, "upper_steps": 1, "lower_warmup": 0,
+                         "downstream_batch_size": 8, "warmup_epochs": 0, "progress": False, **(cfg_kw or {})})
+    head = DownstreamHead(pm.net.backbone.feature_dim, 4).to(DT)
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.randn(head.linear.weight.shape, generator=torch.Generator().manual_seed(7),
+                                             dtype=DT))
+    return BiSSLStage(pm, head, tiny_images(16, seed=2), down, cfg), pm
+
+
+def fixed_views(n=8, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(n, 3, 16, 16, generator=g, dtype=DT) for _ in range(2)]
+
+
+def explicit_pretext_hessian(stage, views):
+    """∇²_θ L_P by torch.autograd.functional.hessian of the loss as a function of the flat backbone vector."""
+    net, obj = stage.net, stage.objective
+    names = [f"backbone.{k}" for k, _ in net.backbone.named_parameters()]
+    shapes = [p.shape for p in net.backbone.parameters()]
+    heads = {k: p.detach() for k, p in net.named_parameters() if not k.startswith("backbone.")}
+    x = torch.cat(views)
+
+    def f(z):
+        ts = split(z, shapes)
+        tensors = {**heads, **{k: b.clone() for k, b in net.named_buffers()}, **dict(zip(names, ts))}
+        out = functional_call(net, tensors, (x,))
+        zs = out["z"].chunk(2)
+        return obj.loss([{"z": zs[0]}, {"z": zs[1]}], None)
+
+    theta0 = flat([p.detach() for p in net.backbone.parameters()])
+    return torch.autograd.functional.hessian(f, theta0), theta0
+
+
+def test_pretext_hvp_matches_explicit_hessian_and_leaves_bn_stats():
+    stage, _ = tiny_stage()
+    views = fixed_views()
+    before = {k: b.clone() for k, b in stage.net.named_buffers()}
+    H = stage.pretext_hessian(views)
+    Hx, theta0 = explicit_pretext_hessian(stage, views)
+    assert Hx.shape[0] == sum(p.numel() for p in stage.net.backbone.parameters()) > 100
+    torch.testing.assert_close(Hx, Hx.T, atol=1e-9, rtol=0)
+    g = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        v = torch.randn(len(theta0), generator=g, dtype=DT)
+        shapes = [p.shape for p in stage.net.backbone.parameters()]
+        torch.testing.assert_close(flat(H.hvp(split(v, shapes))), Hx @ v, atol=1e-9, rtol=1e-9)
+    for k, b in stage.net.named_buffers():  # HVP forwards ran on copies of the BatchNorm buffers
+        assert torch.equal(b, before[k]), k
+
+
+def test_upper_step_equals_exact_implicit_gradient_on_tiny_net():
+    """One upper step with SGD lr 1 (no momentum, weight decay or clipping) moves θ_D by exactly
+    −([I + H/(λ+λ_damp)]⁻¹ ∇_θ L_D(θ_P, ϕ_D) + γ ∇_θ L_D(θ_D, ϕ_D)) with H the explicit Hessian, and ϕ_D by
+    −(∇_ϕ L_D(θ_P, ϕ_D) + γ ∇_ϕ L_D(θ_D, ϕ_D))."""
+    gamma, lam, damp = 0.5, 1e-3, 50.0
+    stage, _ = tiny_stage({"downstream_lr": 1.0, "downstream_momentum": 0.0, "downstream_weight_decay": 0.0,
+                           "clip_norm": 0.0, "cg_iters": 80, "cg_layerwise": False, "cg_damping": damp, "lam": lam,
+                           "direct_weight": gamma})
+    # move θ_D away from θ_P so that the two terms differ
+    with torch.no_grad():
+        for p in stage.theta_D:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(11), dtype=DT))
+    views = fixed_views()
+    Hx, _ = explicit_pretext_hessian(stage, views)
+    H = stage.pretext_hessian(views)
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(12), dtype=DT)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    head, bbD, bbP = copy.deepcopy(stage.head), copy.deepcopy(stage.backbone_D), copy.deepcopy(stage.net.backbone)
+    lp = F.cross_entropy(head(bbP(x)), y)
+    ld = F.cross_entropy(head(bbD(x)), y)
+    v = flat(torch.autograd.grad(lp, list(bbP.parameters()), retain_graph=True))
+    direct = flat(torch.autograd.grad(ld, list(bbD.parameters()), retain_graph=True))
+    g_phi = flat(torch.autograd.grad(lp + gamma * ld, list(head.parameters())))
+    n = len(v)
+    want_theta = torch.linalg.solve(torch.eye(n, dtype=DT) + Hx / (lam + damp), v) + gamma * direct
+    theta_before = flat([p.detach().clone() for p in stage.theta_D])
+    phi_before = flat([p.detach().clone() for p in stage.head.parameters()])
+    logs = stage.upper_step(x, y, H, residual=True)
+    torch.testing.assert_close(theta_before - flat(stage.theta_D), want_theta, atol=1e-8, rtol=1e-7)
+    torch.testing.assert_close(phi_before - flat(list(stage.head.parameters())), g_phi, atol=1e-10, rtol=1e-9)
+    assert logs["cg_residual"] < 1e-8
+    assert logs["upper_loss"] == pytest.approx(float(lp.detach()), abs=1e-12)
+
+
+def test_lower_step_adds_the_proximal_gradient():
+    """g_θP = ∇_θ L_P + λ(θ_P − θ_D), g_ϕP = ∇_ϕ L_P (Algorithm 1), checked by one SGD step (lr 0.1, no momentum)."""
+    lam = 0.7
+    stage, _ = tiny_stage({"lam": lam, "clip_norm": 0.0, "lower_lr": 0.1, "lower_weight_decay": 0.0})
+    with torch.no_grad():
+        for p in stage.theta_D:
+            p.add_(0.1)
+    ref = copy.deepcopy(stage.net)
+    views = fixed_views()
+    out = stage.objective.outputs(ref, torch.cat(views), 2)
+    loss = stage.objective.loss(out, None)
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    names = [k for k, _ in ref.named_parameters()]
+    theta_D = dict(zip([f"backbone.{k}" for k, _ in stage.backbone_D.named_parameters()], stage.theta_D))
+    want = {k: p.detach() - 0.1 * (g + (lam * (p.detach() - theta_D[k].detach()) if k in theta_D else 0.0))
+            for k, p, g in zip(names, ref.parameters(), grads)}
+    logs = stage.lower_step(views)
+    for k, p in stage.net.named_parameters():
+        torch.testing.assert_close(p.detach(), want[k], atol=1e-12, rtol=0, msg=k)
+    assert logs["lower_loss"] == pytest.approx(float(loss.detach()), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# clipping, batching, BatchNorm re-estimation
+
+
+def test_clip_gradients():
+    ps = [nn.Parameter(torch.zeros(2, dtype=DT)), nn.Parameter(torch.zeros(1, dtype=DT)),
+          nn.Parameter(torch.zeros(1, dtype=DT))]
+    ps[0].grad, ps[1].grad = torch.tensor([12.0, 9.0], dtype=DT), torch.tensor([20.0], dtype=DT)  # norm 25
+    assert clip_gradients(ps, 10.0) == pytest.approx(25.0)
+    torch.testing.assert_close(torch.cat([ps[0].grad, ps[1].grad]), torch.tensor([4.8, 3.6, 8.0], dtype=DT))
+    ps[0].grad, ps[1].grad = torch.tensor([3.0, 0.0], dtype=DT), torch.tensor([4.0], dtype=DT)     # norm 5: kept
+    assert clip_gradients(ps, 10.0) == pytest.approx(5.0)
+    torch.testing.assert_close(ps[1].grad, torch.tensor([4.0], dtype=DT))
+    ps[1].grad = torch.tensor([400.0], dtype=DT)
+    assert clip_gradients(ps, 0.0) == pytest.approx(math.hypot(3, 400))                             # 0: no clip
+    assert float(ps[1].grad) == 400.0
+
+
+def test_upper_step_is_clipped():
+    """With clip_norm c and plain SGD at lr 1, the upper parameters move by exactly c when the gradient is larger."""
+    stage, _ = tiny_stage({"downstream_lr": 1.0, "downstream_momentum": 0.0, "downstream_weight_decay": 0.0,
+                           "clip_norm": 1e-3})
+    before = flat([p.detach().clone() for p in [*stage.theta_D, *stage.head.parameters()]])
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=DT)
+    logs = stage.upper_step(x, torch.arange(8) % 4, stage.pretext_hessian(fixed_views()))
+    after = flat([p.detach() for p in [*stage.theta_D, *stage.head.parameters()]])
+    assert logs["upper_grad_norm"] > 1e-3
+    assert float((after - before).norm()) == pytest.approx(1e-3, rel=1e-4)  # torch divides by norm + 1e-6
+
+
+def test_batch_stack_follows_appendix_b4():
+    g = torch.Generator().manual_seed(0)
+    s = BatchStack(10, 3, g)                      # 3 full batches per permutation
+    p1 = s.phase(2)
+    assert s.reshuffles == 1 and len(p1) == 2 and all(len(b) == 3 for b in p1)
+    assert len(torch.unique(torch.cat(p1))) == 6  # no image twice within a permutation
+    p2 = s.phase(2)                               # 1 batch left < 2 needed: reshuffled before the phase
+    assert s.reshuffles == 2 and len(torch.unique(torch.cat(p2))) == 6
+    s.phase(1)                                    # 1 left >= 1: no reshuffle
+    assert s.reshuffles == 2
+    small = BatchStack(10, 3, torch.Generator().manual_seed(0))
+    batches = small.phase(5)                      # the set holds only 3 batches: reshuffle when one is used up
+    assert small.reshuffles == 2 and len(batches) == 5
+    assert len(torch.unique(torch.cat(batches[:3]))) == 9
+    with pytest.raises(ValueError, match="batch_size"):
+        BatchStack(4, 5, g)
+
+
+def test_reestimate_bn_gives_the_mean_of_batch_statistics():
+    torch.manual_seed(0)
+    bb = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    bb[1].running_mean.fill_(5.0)
+    images = tiny_images(12, size=8, seed=4).images
+    before = copy.deepcopy(bb.state_dict())
+    out = reestimate_bn(bb, images, batch_size=4, n_batches=3)   # 3 batches of 4 = one pass over the data
+    conv = bb[0](images.float() / 255)
+    torch.testing.assert_close(out[1].running_mean, conv.mean(dim=(0, 2, 3)), atol=1e-5, rtol=0)
+    assert not out.training and int(out[1].num_batches_tracked) == 3 and out[1].momentum == bb[1].momentum
+    for k, v in bb.state_dict().items():          # the original is untouched
+        assert torch.equal(v, before[k])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# warm-up, determinism, baseline, errors, pipeline
+
+
+def test_warmup_head_leaves_backbone_and_learns():
+    pm = tiny_pretext(dtype=torch.float32)
+    down = tiny_images(32, seed=5, classes=2)
+    before = copy.deepcopy(pm.backbone.state_dict())
+    cfg = BiSSLConfig(warmup_epochs=15, downstream_batch_size=16, downstream_lr=0.1, progress=False)
+    head, hist = warmup_head(pm.backbone, down, cfg)
+    head2, hist2 = warmup_head(pm.backbone, down, cfg)
+    assert len(hist) == 15 and hist[-1]["loss"] < hist[0]["loss"]
+    assert [h["loss"] for h in hist] == [h["loss"] for h in hist2]
+    assert torch.equal(head.linear.weight, head2.linear.weight)
+    for k, v in pm.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert head.standardize and head.linear.out_features == 2
+
+
+def tiny_run(seed=0, **kw):
+    pm = tiny_pretext(dtype=torch.float32)
+    cfg = BiSSLConfig(**{"alternations": 2, "lower_steps": 2, "upper_steps": 2, "lower_warmup": 0,
+                         "downstream_batch_size": 8, "hvp_batch_size": 8, "warmup_epochs": 1, "seed": seed,
+                         "progress": False, **kw})
+    return pm, cfg, run_bissl(pm, tiny_images(16, seed=1), tiny_images(24, seed=2), cfg)
+
+
+def test_bissl_is_deterministic_and_does_not_touch_its_input():
+    pm, cfg, a = tiny_run()
+    before = copy.deepcopy(pm.net.state_dict())
+    _, _, b = tiny_run()
+    assert a.history and [{k: v for k, v in r.items() if k != "time_s"} for r in a.history] == \
+        [{k: v for k, v in r.items() if k != "time_s"} for r in b.history]
+    for (k, p), q in zip(a.net.state_dict().items(), b.net.state_dict().values()):
+        assert torch.equal(p, q), k
+    _, _, c = tiny_run(seed=1)
+    assert c.history[0]["lower_loss"] != a.history[0]["lower_loss"]
+    for k, v in pm.net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    rec = a.history[-1]
+    for key in ("lower_loss", "upper_loss", "cg_residual", "distance", "hvp_loss", "ig_norm", "upper_acc"):
+        assert math.isfinite(rec[key]), key
+    assert rec["distance"] > 0 and [r["alternation"] for r in a.history] == [1, 2]
+
+
+def test_baseline_sees_the_same_pretext_steps():
+    """continue_pretext runs the lower level of the same seed without coupling: same batches and views; its first
+    step is the coupled stage's first step exactly (θ_P = θ_D there, so the proximal gradient is 0)."""
+    pm = tiny_pretext(dtype=torch.float32)
+    cfg = BiSSLConfig(alternations=2, lower_steps=1, upper_steps=1, lower_warmup=0, downstream_batch_size=8,
+                      hvp_batch_size=8, warmup_epochs=0, progress=False, lam=5.0)
+    head = DownstreamHead(pm.backbone.feature_dim, 4)
+    coupled = BiSSLStage(pm, head, tiny_images(24, seed=2), tiny_images(16, seed=1), cfg)
+    alone = BiSSLStage(pm, None, tiny_images(24, seed=2), None, cfg, couple=False)
+    b1, b2 = coupled.stack_lower.phase(1)[0], alone.stack_lower.phase(1)[0]
+    assert torch.equal(b1, b2)
+    coupled.lower_step(coupled.views(b1, coupled.gen_lower))
+    alone.lower_step(alone.views(b2, alone.gen_lower))
+    for p, q in zip(coupled.net.parameters(), alone.net.parameters()):
+        assert torch.equal(p, q)
+    base = continue_pretext(pm, tiny_images(24, seed=2), cfg)
+    assert base.backbone_D is None and len(base.history) == 2 and math.isnan(base.history[0]["distance"])
+    assert equivalent_epochs(cfg, pm.cfg, 24) == pytest.approx(2 * 1 * 8 / 24)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"lam": 0.0}, "bissl.lam: must be > 0"),
+    ({"lam": "1e-3"}, "bissl.lam: must be a number.*1.0e-3"),
+    ({"cg_iters": -1}, "bissl.cg_iters"),
+    ({"cg_layerwise": 1}, "bissl.cg_layerwise: must be True or False"),
+    ({"alternations": 0}, "bissl.alternations"),
+    ({"lower_warmup": 10, "alternations": 5}, "bissl.lower_warmup: must be < alternations"),
+    ({"upper_schedule": "linear"}, "bissl.upper_schedule: .*allowed: cosine, constant"),
+    ({"device": "tpu"}, "bissl.device: .*allowed: cpu, cuda, auto"),
+    ({"downstream_augment": "nope"}, "bissl.downstream_augment: .*allowed"),
+    ({"teacher_momentum": 1.5}, "bissl.teacher_momentum"),
+    ({"clip_norm": float("nan")}, "bissl.clip_norm: must be finite"),
+    ({"hvp_batch_size": 1}, "bissl.hvp_batch_size"),
+])
+def test_config_errors_name_the_key(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        BiSSLConfig(**kwargs)
+
+
+def test_more_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"bissl: unknown key\(s\) \['lambda'\]; allowed: alternations"):
+        BiSSLConfig.from_dict({"lambda": 1.0})
+    with pytest.raises(ValueError, match="finetune.lr"):
+        FinetuneConfig(lr=-0.1)
+    with pytest.raises(ValueError, match="finetune.augment"):
+        FinetuneConfig(augment="nope")
+    with pytest.raises(ValueError, match=r"finetune: unknown key\(s\) \['lr_backbone'\]"):
+        FinetuneConfig.from_dict({"lr_backbone": 0.1})
+    pm = tiny_pretext(dtype=torch.float32)
+    with pytest.raises(ValueError, match="bissl.lower_batch_size .*larger than the 4 pretext images"):
+        BiSSLConfig().check_against(pm.cfg, 4)
+    with pytest.raises(ValueError, match="bissl.hvp_batch_size: 64 is larger"):
+        BiSSLConfig(hvp_batch_size=64).check_against(pm.cfg, 32)
+    with pytest.raises(ValueError, match="bissl.downstream_batch_size: 256 is larger than the 16"):
+        BiSSLConfig().check_against(pm.cfg, 32, 16)
+    mae = TrainConfig(objective="mae", backbone="vit_tiny", augment="mnistm", progress=False)
+    with pytest.raises(ValueError, match="bissl: pretext objective 'mae' is not supported.*allowed: simclr"):
+        BiSSLConfig().check_against(mae, 1000)
+    with pytest.raises(ValueError, match="downstream_tasks: unknown task 'svhn'; allowed: digits, heldout"):
+        prepare_downstream("svhn", PretextData("x", tiny_images(), None))
+    with pytest.raises(ValueError, match="downstream_tasks: 'heldout' needs"):
+        prepare_downstream("heldout", PretextData("x", tiny_images(), None))
+    # validated before anything is computed: the warm-up never starts
+    with pytest.raises(ValueError, match="bissl.downstream_batch_size"):
+        run_bissl(pm, tiny_images(16), tiny_images(24), BiSSLConfig(lower_batch_size=8, progress=False))
+
+
+def test_byol_teacher_stays_fixed_during_hvps_and_follows_the_ema():
+    pm = tiny_pretext(objective="byol", dtype=torch.float32)
+    cfg = BiSSLConfig(alternations=1, lower_steps=1, upper_steps=1, lower_warmup=0, downstream_batch_size=8,
+                      hvp_batch_size=8, warmup_epochs=0, progress=False, teacher_momentum=0.5)
+    stage = BiSSLStage(pm, DownstreamHead(pm.backbone.feature_dim, 4), tiny_images(24, seed=2),
+                       tiny_images(16, seed=1), cfg)
+    t0 = copy.deepcopy(stage.teacher.net.state_dict())
+    views = [v.float() for v in fixed_views()]
+    H = stage.pretext_hessian(views)
+    H.hvp([torch.ones_like(p) for p in stage.theta_P])
+    for k, v in stage.teacher.net.state_dict().items():
+        assert torch.equal(v, t0[k]), k
+    s0 = {k: p.detach().clone() for k, p in stage.net.named_parameters()}
+    stage.lower_step(views)
+    s1 = dict(stage.net.named_parameters())
+    for k, p in stage.teacher.net.named_parameters():   # θ_t ← 0.5 θ_t + 0.5 θ_s (after the step)
+        torch.testing.assert_close(p, 0.5 * t0[k] + 0.5 * s1[k].detach(), atol=1e-6, rtol=0)
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_cg_diagnostics_report_spectrum_and_residuals():
+    pm = tiny_pretext(dtype=torch.float32)
+    cfg = BiSSLConfig(alternations=1, lower_steps=1, upper_steps=1, lower_warmup=0, downstream_batch_size=8,
+                      hvp_batch_size=8, warmup_epochs=1, progress=False)
+    out = cg_diagnostics(pm, tiny_images(16, seed=1), tiny_images(24, seed=2), cfg, iters=(1, 3, 30),
+                         dampings=(1e4,), power_iters=30)
+    assert out["lowest"] <= out["highest"] and out["pd_threshold"] == pytest.approx(-(1e-3 + 10.0))
+    res = {(r["layerwise"], r["iters"]): r["residual"] for r in out["rows"]}
+    assert len(out["rows"]) == 6
+    # far from indefinite at λ_damp = 1e4: global CG converges, and one step already beats v_IG = 0
+    assert res[(False, 30)] < 1e-4 < res[(False, 1)] < 1.0
+    assert all(r["cos"] > 0.99 for r in out["rows"])
+
+
+def test_prepare_downstream_digits_in_pretext_format():
+    pretext = PretextData("mnistm5k", ImageSet(torch.zeros(4, 3, 28, 28, dtype=torch.uint8), torch.zeros(4), "p"),
+                          None)
+    d = prepare_downstream("digits", pretext, test_fraction=0.5)
+    assert d.train.images.shape[1:] == (3, 28, 28) and len(d.train) + len(d.test) == 1797
+    assert torch.equal(d.train.images[:, 0], d.train.images[:, 2])   # gray replicated
+    assert d.n_classes == 10 and sorted(torch.unique(d.test.labels).tolist()) == list(range(10))
+    assert abs(len(d.train) - len(d.test)) <= 1
+
+
+def test_smoke_pipeline_on_tiny_data(tiny, tmp_path):
+    """Fig. 1 end to end on 96 MNIST-M images and 120 digits: pretext (cached in tmp_path), warm-up, BiSSL, both
+    fine-tunings; every number finite."""
+    from bilevel_ssl.experiments import make_config
+
+    pcfg = make_config("simclr", epochs=1, batch_size=32, backbone_args={"width": 8},
+                       recipes={"simclr": {"objective_args": {"temperature": 0.2, "proj_hidden": 32,
+                                                               "proj_dim": 16}}})
+    pcfg.progress = False
+    d = prepare_downstream("digits", PretextData("mnistm5k", tiny, None))
+    train, test = d.train.subset(torch.arange(60)), d.test.subset(torch.arange(60))
+    cfg = BiSSLConfig(alternations=2, lower_steps=2, upper_steps=1, lower_warmup=0, hvp_batch_size=16,
+                      downstream_batch_size=32, warmup_epochs=1, progress=False)
+    out = run_pipeline(pcfg, cfg, FinetuneConfig(epochs=1, batch_size=32), tiny, train, test, cache_root=tmp_path)
+    for arm in ("bissl", "only_ft"):
+        assert 0.0 <= out[arm]["top1"] <= 1.0 and math.isfinite(out[arm]["train_loss"]), arm
+    hist = out["result"].history
+    assert len(hist) == 2 and all(math.isfinite(v) for r in hist for v in r.values())
+    assert len(out["result"].warmup_history) == 1
+
+
+@pytest.mark.skipif("augment_args" not in TrainConfig.keys(), reason="TrainConfig has no augment_args")
+def test_lower_level_uses_the_pretext_runs_augmentation():
+    pm = tiny_pretext(dtype=torch.float32)
+    pm.cfg = TrainConfig(**{**pm.cfg.to_dict(), "augment_args": {"flip_p": 1.0, "crop_scale": [0.5, 0.6]}})
+    stage = BiSSLStage(pm, None, tiny_images(24, seed=2), None, BiSSLConfig(progress=False, lower_batch_size=8),
+                       couple=False)
+    assert stage.aug.flip_p == 1.0 and stage.aug.crop_scale == (0.5, 0.6)
