@@ -228,10 +228,7 @@ class MultiTask(SingleLevel):
     @classmethod
     def check_config(cls, cfg) -> None:
         opts = _parse(cfg.meta_args)
-        try:
-            check_n_tasks(cfg.batch_size, opts.n_tasks, key="meta_args.n_tasks / batch_size")
-        except ValueError as err:
-            raise ValueError(str(err)) from None
+        check_n_tasks(cfg.batch_size, opts.n_tasks, key="meta_args.n_tasks / batch_size")
         if cfg.hypergrad_args:
             raise ValueError("hypergrad_args: meta 'multitask' is single-level and uses no hypergradient engine; "
                              "allowed: {} (empty)")
@@ -284,9 +281,10 @@ class MultiTask(SingleLevel):
         shared = [p for p, s in zip(params, is_shared) if s]
         g = torch.stack([flatten([t[i] for i, s in enumerate(is_shared) if s], like=shared) for t in per_task])
         logs = {"loss": float(losses.detach().mean())}
-        logs.update({f"task_{key}": v for key, v in conflict_summary(cosine_matrix(g)).items()
-                     if key != "max_cos"})
-        direction, extra = self._combine(g.detach())
+        with torch.autocast(device_type=g.device.type, enabled=False):  # surgery in the gradients' own precision
+            logs.update({f"task_{key}": v for key, v in conflict_summary(cosine_matrix(g)).items()
+                         if key != "max_cos"})
+            direction, extra = self._combine(g.detach())
         logs.update(extra)
         offset = 0
         for idx, (p, s) in enumerate(zip(params, is_shared)):
