@@ -116,3 +116,14 @@ def test_step_monitors_need_a_tag(tiny, tmp_path):
     run = cached_train(cfg(), tiny, root=tmp_path, step_monitors=(grad_norm_monitor,), tag="grad-norm")
     assert all("grad_norm" in r and len(r["steps"]) > 0 for r in run.history)
     assert cached_train(cfg(), tiny, root=tmp_path, tag="grad-norm").history == run.history
+
+
+def test_cpu_thread_count_is_part_of_the_key(tiny, tmp_path):
+    n = torch.get_num_threads()
+    base = entry_dir(cfg(), tiny, root=tmp_path)
+    try:
+        torch.set_num_threads(1 if n > 1 else 2)
+        assert entry_dir(cfg(), tiny, root=tmp_path) != base
+    finally:
+        torch.set_num_threads(n)
+    assert entry_dir(cfg(), tiny, root=tmp_path) == base

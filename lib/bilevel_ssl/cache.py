@@ -6,7 +6,7 @@ resumes from its last checkpoint.  The key is a SHA-256 of
 
 * the training configuration (:class:`~bilevel_ssl.config.TrainConfig`, without ``progress`` and
   ``checkpoint_every``, which do not change the numbers; ``device: auto`` resolved, since CPU and CUDA results
-  differ in the last bits);
+  differ in the last bits; on CPU the number of torch threads, which changes them too);
 * the training images themselves (bytes and shape: a different split, subset or dataset is a different key);
 * the training code: the syntax tree of every module of the package (comments and docstrings do not count)
   except those that cannot change a trained encoder (:data:`NEUTRAL_MODULES`: evaluators, plots, reports...) and
@@ -94,6 +94,8 @@ def cache_key(cfg: TrainConfig, data: ImageSet, tag: str = "") -> dict:
     """The dictionary that is hashed (also written to the entry's ``key.json``)."""
     config = {k: v for k, v in cfg.to_dict().items() if k not in TrainConfig.RUN_CONTROL}
     config["device"] = torch.device(cfg.resolved_device()).type
+    if config["device"] == "cpu":  # CPU kernels split reductions by thread: 1 and 2 threads differ in the last bits
+        config["cpu_threads"] = torch.get_num_threads()
     world = world_size_from_env()
     if world > 1:  # torchrun: other float summation order (single-level), other inner tasks (bi-level)
         config["world_size"] = world
