@@ -27,6 +27,7 @@ from bilevel_ssl.bissl import (
     hessian_extremes,
     continue_pretext,
     equivalent_epochs,
+    feature_normalizer,
     ig_matvec,
     implicit_gradient,
     prepare_downstream,
@@ -362,6 +363,18 @@ def test_reestimate_bn_gives_the_mean_of_batch_statistics():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # warm-up, determinism, baseline, errors, pipeline
+
+
+def test_feature_normalizer_centres_and_uses_one_scale():
+    f = torch.tensor([[0.0, 0.0, 5.0], [2.0, 4.0, 5.00001]])
+    mean, scale = feature_normalizer(f)
+    torch.testing.assert_close(mean, torch.tensor([1.0, 2.0, 5.000005]))
+    # centred: [[-1, -2, -5e-6], [1, 2, 5e-6]] -> mean of squares = (1 + 4 + 1 + 4) / 6 (+ ~0)
+    assert float(scale) == pytest.approx(math.sqrt(10 / 6), rel=1e-6)
+    head = DownstreamHead(3, 2, mean, scale)
+    z = (f - mean) / scale
+    torch.testing.assert_close(head(f), head.linear(z))
+    assert float(z[:, 2].abs().max()) < 1e-4   # a nearly dead feature stays nearly dead (no per-feature division)
 
 
 def test_warmup_head_leaves_backbone_and_learns():
