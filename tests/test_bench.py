@@ -54,6 +54,20 @@ def test_unknown_case_is_rejected_before_compute():
         bench.profile_case("nope")
 
 
+def test_stage_times_reports_tc2s_labelled_stages(capsys):
+    rec = bench.stage_times("tc2_first_order", batch=16, steps=1, warmup=1)
+    assert list(rec["stages"]) == ["tc2.stage0_forward", "tc2.stage1_psi", "tc2.stage2_encoder"]
+    assert all(v["s"] > 0 and v["share"] == pytest.approx(v["s"] / rec["step_s"]) for v in rec["stages"].values())
+    # the stages are disjoint parts of one step: together at most the step (10% slack for timer granularity)
+    assert sum(v["share"] for v in rec["stages"].values()) <= 1.1
+    assert bench.stage_times("simclr", batch=16, steps=1, warmup=0)["stages"] == {}  # no labels, nothing invented
+    with pytest.raises(ValueError, match="--stages: unknown case 'nope'"):
+        bench.stage_times("nope")
+    assert bench.main(["--stages", "tc2_first_order", "--batch", "16", "--steps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["case"] == "tc2_first_order" and "tc2.stage2_encoder:" in out.err
+
+
 def test_cli_lists_cases(capsys):
     assert bench.main(["--list"]) == 0
     assert "gessl_second_order" in capsys.readouterr().out.split()

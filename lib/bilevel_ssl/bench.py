@@ -16,7 +16,8 @@ Targets (issue #11, on the 2-core CPU at equal source images per step), checked 
 GeSSL exact second order ≤ 3.5× SimCLR, GeSSL first order ≤ 2.2×, augmentation ≤ 5% of a SimCLR step, a BiSSL
 upper step ≤ 1.2× the N_c Hessian-vector products it needs (:func:`bench_bissl`).
 
-``--profile CASE`` prints the top operators of that case from :mod:`torch.profiler` (where the time goes).
+``--profile CASE`` prints the top operators of that case from :mod:`torch.profiler` (where the time goes); ``--stages
+CASE`` the time of each labelled stage of its meta-method (:func:`stage_times`; TC²'s two bi-level stages).
 Cases of methods not yet in the library are simply absent; new meta-methods add a line to :func:`cases`.
 """
 
@@ -236,6 +237,45 @@ def profile_case(name: str, *, batch: int = 256, steps: int = 3, device: str = "
     return prof.key_averages().table(sort_by=key, row_limit=row_limit)
 
 
+def stage_times(name: str, *, batch: int = 256, steps: int = 5, warmup: int = 2, device: str = "cpu") -> dict:
+    """Where one step of case ``name`` spends its time, by the ``torch.profiler.record_function`` labels its
+    meta-method puts around its stages (TC²: ``tc2.stage0_forward``, ``tc2.stage1_psi`` - the f_v/f_w bi-level
+    update, Eq. 4-5 - and ``tc2.stage2_encoder`` - the per-task encoder hypergradients, Eq. 6-7).
+
+    Returns ``{"step_s": median wall time of a step, "stages": {label: {"s": seconds per step, "share": of the
+    step}}}``; the steps are profiled (CPU activity only), so times include the profiler's small overhead.
+    A case whose meta-method has no labels returns an empty ``stages``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    all_cases = cases()
+    if name not in all_cases:
+        raise ValueError(f"--stages: unknown case {name!r}; allowed: {', '.join(all_cases)}")
+    cfg, dev, net, meta, opt = _setup(all_cases[name], batch, device, 3, 28)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, 28, 28), generator=gen, dtype=torch.uint8).to(dev)
+    aug = cfg.augmentation()
+    for _ in range(warmup):
+        train_step(net, meta, opt, images, aug, gen)
+        meta.after_step(net, 0.5)
+    prefix = f"{cfg.meta}."
+    times = []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            _sync(dev)
+            t0 = time.perf_counter()
+            train_step(net, meta, opt, images, aug, gen)
+            meta.after_step(net, 0.5)
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    stages = {}
+    for ev in prof.key_averages():
+        if ev.key.startswith(prefix):
+            s = ev.cpu_time_total / 1e6 / steps
+            stages[ev.key] = {"s": s, "share": s / step_s}
+    return {"case": name, "batch": batch, "steps": steps, "step_s": step_s, "stages": dict(sorted(stages.items()))}
+
+
 def run(names: list[str] | None = None, *, batch: int = 256, steps: int = 10, warmup: int = 3, device: str = "cpu",
         progress: bool = True, memory: bool = True, bissl: bool = True) -> dict:
     """Benchmark ``names`` (default: every case; ``simclr`` is always included as the reference).  ``memory``:
@@ -306,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="", help="also write the JSON here")
     p.add_argument("--profile", default="", help="print the torch.profiler table of this case instead")
+    p.add_argument("--stages", default="", help="print the time per labelled stage of this case instead (TC²)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--no-bissl", action="store_true", help="skip BiSSL's lower/upper step timing")
     a = p.parse_args(argv)
@@ -317,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.profile:
         print(profile_case(a.profile, batch=a.batch, device=a.device))
+        return 0
+    if a.stages:
+        rec = stage_times(a.stages, batch=a.batch, steps=a.steps, warmup=a.warmup, device=a.device)
+        print(json.dumps(rec, indent=2))
+        for k, v in rec["stages"].items():
+            print(f"{k}: {v['s']:.3f} s per step ({100 * v['share']:.0f}% of {rec['step_s']:.3f} s)", file=sys.stderr)
         return 0
     names = [n.strip() for n in a.cases.split(",") if n.strip()]
     record = run(names, batch=a.batch, steps=a.steps, warmup=a.warmup, device=a.device, bissl=not a.no_bissl)

@@ -117,6 +117,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
+from torch.profiler import record_function
 
 from .hypergrad import ENGINES, make_engine, set_grads
 from .meta import SingleLevel, SSLNet
@@ -651,70 +652,75 @@ class TC2(SingleLevel):
         batch = views[0].shape[0]
         tasks = make_tasks(batch, c.n_tasks)
         x_all = torch.cat(views)
+        # Each stage runs under a torch.profiler label (free without a profiler); its time is reported by
+        # ``python -m bilevel_ssl.bench --stages tc2_second_order``.
         # 0. one no-grad forward: S, the objective-state outputs, the BatchNorm running statistics
-        with torch.no_grad():
-            h_all = net.backbone(x_all)
-            s = batch_statistics(h_all)
-            v_old = self.f_v(s)
-            student0 = _views(self._wrap(h_all, v_old, from_features=True), m)
-            h_t = self.teacher.net.backbone(x_all) if self.teacher is not None else None
-            s_t = batch_statistics(h_t) if h_t is not None else None
-        hs = list(h_all.chunk(m))
-        teacher_old = self._teacher_outputs(h_t, s_t, m)
+        with record_function("tc2.stage0_forward"):
+            with torch.no_grad():
+                h_all = net.backbone(x_all)
+                s = batch_statistics(h_all)
+                v_old = self.f_v(s)
+                student0 = _views(self._wrap(h_all, v_old, from_features=True), m)
+                h_t = self.teacher.net.backbone(x_all) if self.teacher is not None else None
+                s_t = batch_statistics(h_t) if h_t is not None else None
+            hs = list(h_all.chunk(m))
+            teacher_old = self._teacher_outputs(h_t, s_t, m)
 
         # 1. stage 1: f_v, f_w
-        psi = self.tc_parameters()
-        t_sup, t_que = (None, None) if teacher_old is None else (teacher_old[:ms], teacher_old[ms:])
-        sup1, que1, stash1 = self._stage1_losses(net, hs[:ms], hs[ms:], s, t_sup, t_que, tasks)
-        if c.variant == "no_bilevel":
-            leaves = [p.detach().requires_grad_(True) for p in psi]
-            q = que1(leaves, [])
-            total = sup1(leaves, []) + q
-            psi_grads = list(torch.autograd.grad(total, leaves, allow_unused=True))
-            psi_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(psi, psi_grads)]
-            tc_query = float(q.detach())
-        else:
-            hg = self.engine(sup1, que1, psi, [], inner_lr=c.tc_inner_lr, inner_steps=c.inner_steps)
-            psi_grads, tc_query = hg.theta_grads, hg.logs["outer_loss"]
-        if self.dist is not None:
-            psi_grads = self._reduce_across_ranks(psi, psi_grads)
-        logs = {"tc_support": stash1.get("tc_ssl", float("nan")), "tc_query": tc_query,
-                **{k: stash1[k] for k in ("l_v", "l_w", "orth", "l1") if k in stash1},
-                "psi_grad_norm": float(torch.sqrt(sum((g.detach().double() ** 2).sum() for g in psi_grads)))}
-        if not (_finite(psi_grads) and all(math.isfinite(x) for x in logs.values())):
-            logs["loss"] = float("nan")  # the trainer stops before any update; ψ is left as it was
-            return logs
-        with torch.no_grad():
-            for p, g in zip(psi, psi_grads):
-                p.sub_(c.tc_lr * g.to(p.dtype))
+        with record_function("tc2.stage1_psi"):
+            psi = self.tc_parameters()
+            t_sup, t_que = (None, None) if teacher_old is None else (teacher_old[:ms], teacher_old[ms:])
+            sup1, que1, stash1 = self._stage1_losses(net, hs[:ms], hs[ms:], s, t_sup, t_que, tasks)
+            if c.variant == "no_bilevel":
+                leaves = [p.detach().requires_grad_(True) for p in psi]
+                q = que1(leaves, [])
+                total = sup1(leaves, []) + q
+                psi_grads = list(torch.autograd.grad(total, leaves, allow_unused=True))
+                psi_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(psi, psi_grads)]
+                tc_query = float(q.detach())
+            else:
+                hg = self.engine(sup1, que1, psi, [], inner_lr=c.tc_inner_lr, inner_steps=c.inner_steps)
+                psi_grads, tc_query = hg.theta_grads, hg.logs["outer_loss"]
+            if self.dist is not None:
+                psi_grads = self._reduce_across_ranks(psi, psi_grads)
+            logs = {"tc_support": stash1.get("tc_ssl", float("nan")), "tc_query": tc_query,
+                    **{k: stash1[k] for k in ("l_v", "l_w", "orth", "l1") if k in stash1},
+                    "psi_grad_norm": float(torch.sqrt(sum((g.detach().double() ** 2).sum() for g in psi_grads)))}
+            if not (_finite(psi_grads) and all(math.isfinite(x) for x in logs.values())):
+                logs["loss"] = float("nan")  # the trainer stops before any update; ψ is left as it was
+                return logs
+            with torch.no_grad():
+                for p, g in zip(psi, psi_grads):
+                    p.sub_(c.tc_lr * g.to(p.dtype))
 
         # 2. stage 2: the encoder, with f_v and f_w held at their updated values
-        with torch.no_grad():
-            v_new = self.f_v(s)
-        teacher_new = self._teacher_outputs(h_t, s_t, m)
-        theta = [p for _, p in net.named_parameters()]
-        grads = [torch.zeros_like(p) for p in theta]
-        inner_ssl, outer = [], []
-        for idx in tasks:
-            sl = slice(int(idx[0]), int(idx[-1]) + 1)
-            t_k = _take(teacher_new, sl)
-            sup2, que2, stash2 = self._stage2_losses(net, [x[sl] for x in views[:ms]], [x[sl] for x in views[ms:]],
-                                                     v_new, None if t_k is None else t_k[:ms],
-                                                     None if t_k is None else t_k[ms:])
-            if c.variant == "no_bilevel":
-                leaves = [p.detach().requires_grad_(True) for p in theta]
-                q = que2(leaves, [])
-                g_k = torch.autograd.grad(sup2(leaves, []) + q, leaves, allow_unused=True)
-                g_k = [torch.zeros_like(p) if g is None else g for p, g in zip(theta, g_k)]
-                outer.append(float(q.detach()))
-            else:
-                hg = self.engine(sup2, que2, theta, [], inner_lr=c.inner_lr, inner_steps=c.inner_steps)
-                g_k = hg.theta_grads
-                outer.append(hg.logs["outer_loss"])
-            inner_ssl.append(stash2.get("inner_ssl", float("nan")))
-            for acc, g in zip(grads, g_k):
-                acc.add_(g.detach(), alpha=1.0 / len(tasks))
-        set_grads(theta, grads)
+        with record_function("tc2.stage2_encoder"):
+            with torch.no_grad():
+                v_new = self.f_v(s)
+            teacher_new = self._teacher_outputs(h_t, s_t, m)
+            theta = [p for _, p in net.named_parameters()]
+            grads = [torch.zeros_like(p) for p in theta]
+            inner_ssl, outer = [], []
+            for idx in tasks:
+                sl = slice(int(idx[0]), int(idx[-1]) + 1)
+                t_k = _take(teacher_new, sl)
+                sup2, que2, stash2 = self._stage2_losses(
+                    net, [x[sl] for x in views[:ms]], [x[sl] for x in views[ms:]], v_new,
+                    None if t_k is None else t_k[:ms], None if t_k is None else t_k[ms:])
+                if c.variant == "no_bilevel":
+                    leaves = [p.detach().requires_grad_(True) for p in theta]
+                    q = que2(leaves, [])
+                    g_k = torch.autograd.grad(sup2(leaves, []) + q, leaves, allow_unused=True)
+                    g_k = [torch.zeros_like(p) if g is None else g for p, g in zip(theta, g_k)]
+                    outer.append(float(q.detach()))
+                else:
+                    hg = self.engine(sup2, que2, theta, [], inner_lr=c.inner_lr, inner_steps=c.inner_steps)
+                    g_k = hg.theta_grads
+                    outer.append(hg.logs["outer_loss"])
+                inner_ssl.append(stash2.get("inner_ssl", float("nan")))
+                for acc, g in zip(grads, g_k):
+                    acc.add_(g.detach(), alpha=1.0 / len(tasks))
+            set_grads(theta, grads)
         logs.update(loss=sum(outer) / len(outer), inner_ssl=sum(inner_ssl) / len(inner_ssl))
         self._last = ([{k: t.detach() for k, t in o.items()} for o in student0], teacher_old)
         return logs
