@@ -217,17 +217,24 @@ def bench_bissl(*, batch: int = 256, steps: int = 10, warmup: int = 3, device: s
     return out
 
 
+def _named_case(name: str, flag: str, batch: int, device: str):
+    """Case ``name`` set up for one of the single-case commands (``--profile``, ``--stages``; ``flag`` names it in
+    the error): its config, device, network, meta-method, optimizer, ``batch`` random 3×28×28 images, augmentation
+    and generator (seed 0)."""
+    all_cases = cases()
+    if name not in all_cases:
+        raise ValueError(f"--{flag}: unknown case {name!r}; allowed: {', '.join(all_cases)}")
+    cfg, dev, net, meta, opt = _setup(all_cases[name], batch, device, 3, 28)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, 28, 28), generator=gen, dtype=torch.uint8).to(dev)
+    return cfg, dev, net, meta, opt, images, cfg.augmentation(), gen
+
+
 def profile_case(name: str, *, batch: int = 256, steps: int = 3, device: str = "cpu", row_limit: int = 25) -> str:
     """torch.profiler table (self CPU/CUDA time) of ``steps`` steps of case ``name`` after one warm-up step."""
     from torch.profiler import ProfilerActivity, profile
 
-    all_cases = cases()
-    if name not in all_cases:
-        raise ValueError(f"--profile: unknown case {name!r}; allowed: {', '.join(all_cases)}")
-    cfg, dev, net, meta, opt = _setup(all_cases[name], batch, device, 3, 28)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch, 3, 28, 28), generator=gen, dtype=torch.uint8).to(dev)
-    aug = cfg.augmentation()
+    cfg, dev, net, meta, opt, images, aug, gen = _named_case(name, "profile", batch, device)
     train_step(net, meta, opt, images, aug, gen)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -247,13 +254,7 @@ def stage_times(name: str, *, batch: int = 256, steps: int = 5, warmup: int = 2,
     A case whose meta-method has no labels returns an empty ``stages``."""
     from torch.profiler import ProfilerActivity, profile
 
-    all_cases = cases()
-    if name not in all_cases:
-        raise ValueError(f"--stages: unknown case {name!r}; allowed: {', '.join(all_cases)}")
-    cfg, dev, net, meta, opt = _setup(all_cases[name], batch, device, 3, 28)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch, 3, 28, 28), generator=gen, dtype=torch.uint8).to(dev)
-    aug = cfg.augmentation()
+    cfg, dev, net, meta, opt, images, aug, gen = _named_case(name, "stages", batch, device)
     for _ in range(warmup):
         train_step(net, meta, opt, images, aug, gen)
         meta.after_step(net, 0.5)
