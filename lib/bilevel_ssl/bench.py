@@ -96,6 +96,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(step, n: int, device: torch.device) -> list[float]:
+    """Wall time (s) of each of ``n`` calls of ``step``, the device synchronised around each."""
+    times = []
+    for _ in range(n):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def _device(device: str) -> torch.device:
     """``device`` as TrainConfig resolves it (``auto``: CUDA if present; ``cuda`` without a GPU is an error)."""
     return torch.device(TrainConfig(device=device).resolved_device())
@@ -119,22 +131,14 @@ def bench_case(overrides: dict, *, batch: int = 256, steps: int = 10, warmup: in
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, channels, size, size), generator=gen, dtype=torch.uint8).to(dev)
     aug = cfg.augmentation()
-    for i in range(warmup):
-        train_step(net, meta, opt, images, aug, gen)
-        meta.after_step(net, 0.5)
-    times = []
-    gc.collect()
-    for _ in range(steps):
-        _sync(dev)
-        t0 = time.perf_counter()
-        train_step(net, meta, opt, images, aug, gen)
-        meta.after_step(net, 0.5)
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-
     def one_step():
         train_step(net, meta, opt, images, aug, gen)
         meta.after_step(net, 0.5)
+
+    for _ in range(warmup):
+        one_step()
+    gc.collect()
+    times = _timed(one_step, steps, dev)
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -156,15 +160,9 @@ def bench_augment(*, batch: int = 256, steps: int = 10, warmup: int = 3, device:
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, channels, size, size), generator=gen, dtype=torch.uint8).to(dev)
     aug = preset(augment)
-    times = []
-    for i in range(warmup + steps):
-        _sync(dev)
-        t0 = time.perf_counter()
-        make_views(images.float().div_(255), n_views, aug, gen)
-        _sync(dev)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    step = lambda: make_views(images.float().div_(255), n_views, aug, gen)
+    _timed(step, warmup, dev)
+    return statistics.median(_timed(step, steps, dev))
 
 
 def bench_bissl(*, batch: int = 256, steps: int = 10, warmup: int = 3, device: str = "cpu", channels: int = 3,
@@ -196,14 +194,7 @@ def bench_bissl(*, batch: int = 256, steps: int = 10, warmup: int = 3, device: s
     def timed(fn) -> float:
         for _ in range(warmup):
             fn()
-        times = []
-        for _ in range(steps):
-            _sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return statistics.median(_timed(fn, steps, dev))
 
     out = {"lower_s": timed(lambda: stage.lower_step(views))}  # moves θ_P: the Hessian is built after it
     setup_and_one = timed(lambda: stage.pretext_hessian(views).hvp(v))
@@ -255,19 +246,15 @@ def stage_times(name: str, *, batch: int = 256, steps: int = 5, warmup: int = 2,
     from torch.profiler import ProfilerActivity, profile
 
     cfg, dev, net, meta, opt, images, aug, gen = _named_case(name, "stages", batch, device)
-    for _ in range(warmup):
+    def one_step():
         train_step(net, meta, opt, images, aug, gen)
         meta.after_step(net, 0.5)
+
+    for _ in range(warmup):
+        one_step()
     prefix = f"{cfg.meta}."
-    times = []
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            _sync(dev)
-            t0 = time.perf_counter()
-            train_step(net, meta, opt, images, aug, gen)
-            meta.after_step(net, 0.5)
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
+        times = _timed(one_step, steps, dev)
     step_s = statistics.median(times)
     stages = {}
     for ev in prof.key_averages():
