@@ -459,6 +459,33 @@ def test_momentum_proxy_ema_and_gradients():
     assert eng.theta_ema is None
 
 
+def test_momentum_proxy_state_dict_resumes_exactly():
+    q = Quadratic(D=True)
+    th, ph = split(q.theta, THETA_SHAPES), split(q.phi, PHI_SHAPES)
+    run = make_engine("momentum_proxy", momentum=0.8)
+    hypergradient(run, *q.args(), inner_lr=0.3)
+    resumed = make_engine("momentum_proxy", momentum=0.8)
+    resumed.load_state_dict(run.state_dict())
+    assert resumed.calls == 1
+    step = [t + 0.5 for t in th], [p - 0.25 for p in ph]     # the caller's next parameters
+    a = hypergradient(run, q.inner, q.outer, *step, inner_lr=0.3)
+    b = hypergradient(resumed, q.inner, q.outer, *step, inner_lr=0.3)
+    assert all(torch.equal(x, y) for x, y in zip(a.theta_grads + a.phi_grads, b.theta_grads + b.phi_grads))
+    assert all(torch.equal(x, y) for x, y in zip(run.theta_ema + run.phi_ema, resumed.theta_ema + resumed.phi_ema))
+    fresh = make_engine("momentum_proxy", momentum=0.8)     # without the state it would start a new copy
+    c = hypergradient(fresh, q.inner, q.outer, *step, inner_lr=0.3)
+    assert not all(torch.equal(x, y) for x, y in zip(a.theta_grads, c.theta_grads))
+
+
+@pytest.mark.parametrize("name", [n for n in ENGINES if n != "momentum_proxy"])
+def test_stateless_engines_have_empty_state_and_reject_foreign_state(name):
+    eng = make_engine(name)
+    assert eng.state_dict() == {}
+    eng.load_state_dict({})
+    with pytest.raises(ValueError, match=f"engine '{name}' keeps no state"):
+        eng.load_state_dict({"theta_ema": None})
+
+
 def test_momentum_proxy_phi_only_direct_and_adapted_variant():
     q, tau, lr = Quadratic(D=True), 0.5, 0.3
     eng = MomentumProxy(momentum=tau, adapt_proxy=True)

@@ -128,6 +128,12 @@ def _fail(prefix: str, key: str, msg: str) -> ValueError:
     return ValueError(f"{prefix}.{key}: {msg}")
 
 
+def _check_preset(prefix: str, key: str, value: str) -> None:
+    """An augmentation preset name, or '' for none."""
+    if value and value not in PRESETS:
+        raise _fail(prefix, key, f"unknown preset {value!r}; allowed: '' (none) or {', '.join(sorted(PRESETS))}")
+
+
 def _check_fields(obj, prefix: str, spec: dict) -> None:
     """spec: key -> (kind, lo, lo_open) with kind in int/float/bool/str/optint/optfloat; lo None = no bound."""
     for key, (kind, lo, lo_open) in spec.items():
@@ -256,9 +262,7 @@ class BiSSLConfig:
                                                     f"{', '.join(SCHEDULES)}")
         if self.device not in DEVICES:
             raise _fail("bissl", "device", f"unknown value {self.device!r}; allowed: {', '.join(DEVICES)}")
-        if self.downstream_augment and self.downstream_augment not in PRESETS:
-            raise _fail("bissl", "downstream_augment", f"unknown preset {self.downstream_augment!r}; allowed: '' "
-                                                        f"(none) or {', '.join(sorted(PRESETS))}")
+        _check_preset("bissl", "downstream_augment", self.downstream_augment)
 
     @classmethod
     def from_dict(cls, d: dict) -> "BiSSLConfig":
@@ -334,9 +338,7 @@ class FinetuneConfig:
         if self.lr == 0 and self.lr_head is None:
             raise _fail("finetune", "lr", "0 freezes the backbone and leaves the head without a learning rate; "
                                           "set lr_head too, or lr > 0")
-        if self.augment and self.augment not in PRESETS:
-            raise _fail("finetune", "augment", f"unknown preset {self.augment!r}; allowed: '' (none) or "
-                                               f"{', '.join(sorted(PRESETS))}")
+        _check_preset("finetune", "augment", self.augment)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":

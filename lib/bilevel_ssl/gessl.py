@@ -518,7 +518,6 @@ class GeSSL(SingleLevel):
         super().__init__(objective, net)
         self.variant, self.cfg = self._options(cfg)
         self.engine = make_engine(cfg.hypergrad, **cfg.hypergrad_args)
-        self.engine_name = cfg.hypergrad
         self.g = self.cfg.threshold_net(net.backbone.feature_dim)
         self._param_names = [n for n, _ in net.named_parameters()]
         self._g_names = [n for n, _ in self.g.named_parameters()]
@@ -543,18 +542,13 @@ class GeSSL(SingleLevel):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["g"] = self.g.state_dict()
-        if self.engine_name == "momentum_proxy":
-            state["engine"] = {"theta_ema": self.engine.theta_ema, "phi_ema": self.engine.phi_ema,
-                               "calls": self.engine.calls}
+        state["g"], state["engine"] = self.g.state_dict(), self.engine.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.g.load_state_dict(state["g"])
-        if "engine" in state:
-            self.engine.theta_ema, self.engine.phi_ema = state["engine"]["theta_ema"], state["engine"]["phi_ema"]
-            self.engine.calls = state["engine"]["calls"]
+        self.engine.load_state_dict(state.get("engine", {}))  # checkpoints before engine state was kept: {}
 
     def _forward(self, net: SSLNet, theta: list[Tensor], x: Tensor, *, update_stats: bool,
                  mask_seed: int | None = None) -> tuple[Outputs, Tensor, Tensor]:

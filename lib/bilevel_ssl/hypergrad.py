@@ -316,6 +316,14 @@ class _Engine:
     def _run(self, inner_loss, outer_loss, theta, phi, lr, steps) -> HyperGrad:  # pragma: no cover
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """State kept between calls (empty for the stateless engines), for a resumed run to continue exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"hypergrad: engine {self.name!r} keeps no state, got {sorted(state)}")
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.OPTIONS)
         return f"{type(self).__name__}({opts})"
@@ -548,6 +556,15 @@ class MomentumProxy(_Engine):
 
     def reset(self) -> None:
         self.theta_ema, self.phi_ema, self.calls = None, None, 0
+
+    def state_dict(self) -> dict:
+        return {"theta_ema": self.theta_ema, "phi_ema": self.phi_ema, "calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copies the tensors (as ``nn.Module.load_state_dict`` does): the EMA updates act in place, so sharing them
+        with the source would advance both engines."""
+        copy = lambda ts: None if ts is None else [t.detach().clone() for t in ts]
+        self.theta_ema, self.phi_ema, self.calls = copy(state["theta_ema"]), copy(state["phi_ema"]), state["calls"]
 
     @torch.no_grad()
     def _update(self, theta: list[Tensor], phi: list[Tensor]) -> None:

@@ -454,7 +454,6 @@ class MCR(SingleLevel):
         self.cfg = MCRConfig.from_meta_args(dict(cfg.meta_args))
         self.inner_lr = float(cfg.lr if self.cfg.inner_lr is None else self.cfg.inner_lr)
         self.engine = make_engine(cfg.hypergrad, **cfg.hypergrad_args)
-        self.engine_name = cfg.hypergrad
         self.feature_dim, self.embed_dim = net.backbone.feature_dim, _embed_dim(net)
         self.compmod = CompMod(*compmod_dims(self.cfg.fusion, self.feature_dim, self.embed_dim))
         p0 = next(net.parameters())
@@ -477,18 +476,13 @@ class MCR(SingleLevel):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["compmod"] = self.compmod.state_dict()
-        if self.engine_name == "momentum_proxy":
-            state["engine"] = {"theta_ema": self.engine.theta_ema, "phi_ema": self.engine.phi_ema,
-                               "calls": self.engine.calls}
+        state["compmod"], state["engine"] = self.compmod.state_dict(), self.engine.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.compmod.load_state_dict(state["compmod"])
-        if "engine" in state:
-            self.engine.theta_ema, self.engine.phi_ema = state["engine"]["theta_ema"], state["engine"]["phi_ema"]
-            self.engine.calls = state["engine"]["calls"]
+        self.engine.load_state_dict(state.get("engine", {}))  # checkpoints before engine state was kept: {}
 
     # ------------------------------------------------------------------------------------------------ pieces
     def _alpha(self, n: int, like: Tensor) -> float | Tensor | None:

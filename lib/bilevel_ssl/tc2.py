@@ -478,7 +478,6 @@ class TC2(SingleLevel):
         super().__init__(objective, net)
         self.cfg = TC2Config.from_meta_args(dict(cfg.meta_args))
         self.engine = make_engine(cfg.hypergrad, **cfg.hypergrad_args)
-        self.engine_name = cfg.hypergrad
         d = net.backbone.feature_dim
         self.d, self.n_f = d, self.cfg.factors(d)
         self.f_v = FactorNet(d, self.n_f, self.cfg.fv_hidden)
