@@ -475,6 +475,8 @@ def test_momentum_proxy_state_dict_resumes_exactly():
     fresh = make_engine("momentum_proxy", momentum=0.8)     # without the state it would start a new copy
     c = hypergradient(fresh, q.inner, q.outer, *step, inner_lr=0.3)
     assert not all(torch.equal(x, y) for x, y in zip(a.theta_grads, c.theta_grads))
+    resumed.load_state_dict({})                              # a stateless engine's checkpoint: start afresh
+    assert resumed.theta_ema is None and resumed.calls == 0
 
 
 @pytest.mark.parametrize("name", [n for n in ENGINES if n != "momentum_proxy"])

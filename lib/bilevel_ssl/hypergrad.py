@@ -562,7 +562,10 @@ class MomentumProxy(_Engine):
 
     def load_state_dict(self, state: dict) -> None:
         """Copies the tensors (as ``nn.Module.load_state_dict`` does): the EMA updates act in place, so sharing them
-        with the source would advance both engines."""
+        with the source would advance both engines.  An empty state (a checkpoint of a run with a stateless engine,
+        e.g. a second-order run loaded to compare engines at the same point) resets: the next call starts a new copy."""
+        if not state:
+            return self.reset()
         copy = lambda ts: None if ts is None else [t.detach().clone() for t in ts]
         self.theta_ema, self.phi_ema, self.calls = copy(state["theta_ema"]), copy(state["phi_ema"]), state["calls"]
 
