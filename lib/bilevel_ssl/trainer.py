@@ -248,8 +248,9 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             meta.load_state_dict(ckpt["meta"])
-            gen.set_state(ckpt["generator"])
-            torch.set_rng_state(ckpt["torch_rng"])
+            # RNG states are CPU byte tensors; map_location=device moved them to the GPU with everything else
+            gen.set_state(ckpt["generator"].cpu())
+            torch.set_rng_state(ckpt["torch_rng"].cpu())
             history, start_epoch = ckpt["history"], ckpt["epoch"]
             partial = ckpt.get("partial")  # a mid-epoch (SIGTERM) checkpoint: where the epoch stopped
 
