@@ -2,8 +2,8 @@
 baselines, TC², MCR) computes on the GPU the same gradients as on the CPU, and the trainer runs, checkpoints,
 resumes and uses bf16 autocast there.
 
-Skipped without a GPU (CI has none).  They ran on a lent H200 (see the README's "CUDA" note); run them with
-``pytest tests/test_cuda.py`` on a machine with CUDA.
+Skipped without a GPU (CI has none).  They ran on a lent H200 (README, "Scaling out, the GPU path": **GPU
+path**); run them with ``pytest tests/test_cuda.py`` on a machine with CUDA.
 
 The CPU/GPU comparison is in float64, where cuDNN/cuBLAS and the CPU kernels differ only by summation order
 (~1e-13 relative); a device bug (a tensor created on the CPU inside an engine, a buffer left behind by ``.to``, a
