@@ -291,3 +291,75 @@ def test_rendering_is_rounded_and_stable():
     text = C.markdown_table(per[["comparison", "mean", "ci_low", "p_adj"]])
     assert "| A > B: m | 0.200 | 0.004 |" in text
     assert v.as_dict()["comparisons"][0]["n"] == 5
+
+
+def notebook_frames():
+    """Per-seed frames shaped as the default-profile notebooks build them (columns and labels from their code),
+    turned into long tables by the calls of claims.NOTEBOOK_TABLES."""
+    rng = np.random.default_rng(1)
+
+    def frame(keys, metrics, seeds):
+        rows = [{**k, "seed": s, **{m: rng.uniform(0.2, 0.8) for m in metrics}, "diverged": 0.0}
+                for k in keys for s in seeds]
+        return pd.DataFrame(rows)
+
+    bases, s5, s3 = ["simclr", "byol", "barlow_twins"], range(5), range(3)
+    nb10_m = ["linear_acc", "knn_acc", "fewshot_5w1s_acc", "fewshot_5w5s_acc", "S", "S_disc", "S_gen", "S_trans"]
+    nb10 = frame([{"base": b, "method": m} for b in bases for m in ("base", "+GeSSL")], nb10_m, s5)
+    sweeps = ([("base", "-", "base")] + [("mu", v, "+GeSSL") for v in (0.0, 0.7, 1.0)]
+              + [("k", v, "+GeSSL") for v in (10.0, 30.0, 50.0)]
+              + [("n", v, m) for v in (16, 32, 64) for m in ("+GeSSL", "base")]
+              + [("m", v, "+GeSSL") for v in (4, 8, 16, 32)])
+    nb11 = frame([{"sweep": a, "value": v, "method": m} for a, v, m in sweeps], ["linear_acc", "knn_acc"], s3)
+    scores = ["silhouette_test", "davies_bouldin_test", "silhouette_novel", "davies_bouldin_novel"]
+    nb12 = frame([{"base": b, "method": m} for b in bases for m in ("base", "+GeSSL μ=0", "+GeSSL")], scores, s3)
+    acc = ["linear_acc", "knn_acc", "fewshot_5w1s_acc", "fewshot_5w5s_acc"]
+    nb13 = frame([{"group": "base", "label": "simclr"}]
+                 + [{"group": "variant", "label": v} for v in ("bilevel", "joint", "per_task")]
+                 + [{"group": "engine", "label": e} for e in ("second_order", "first_order", "aid_fd", "aid_cg",
+                                                              "aid_neumann", "momentum_proxy")],
+                 acc + ["train_s_per_epoch"], s3)
+    nb14_m = ["linear_acc", "knn_acc", "grad_norm_mean", "grad_norm_var", "train_s_per_epoch"]
+    nb14 = frame([{"method": m} for m in ("base", "+GeSSL second_order", "+GeSSL aid_fd")], nb14_m, s5)
+    nb20 = frame([{"label": x} for x in ("simclr", "simclr+T", "simclr+T pcgrad", "simclr+TC2")],
+                 acc + ["mean_cos", "conflict_steps"], s5)
+    n_f = lambda r: f"{r:g}d"  # noqa: E731  as notebook 21
+    nb21 = frame([{"group": "base", "label": "simclr"}, {"group": "tc2", "label": "full"}]
+                 + [{"group": "ablation", "label": v} for v in ("no_lv", "no_lw", "no_lv_lw", "no_bilevel")]
+                 + [{"group": "n_tasks", "label": str(n)} for n in (2, 4, 8, 16)]
+                 + [{"group": "n_f", "label": n_f(r)} for r in (0.25, 0.5, 1.0, 2.0)]
+                 + [{"group": "lambda_s", "label": f"{x:g}"} for x in (0.001, 0.01, 0.1, 1.0)], acc, s3)
+    arms = ["bissl_top1", "only_ft_top1", "bissl_top5", "only_ft_top5"]
+    main_rows = frame([{"task": t, "epochs": 10} for t in ("digits", "heldout")], arms, s3)
+    dur_rows = frame([{"task": "digits", "epochs": e} for e in (3, 10, 20)], arms, s3)
+    nb40 = frame([{"group": "R15", "base": b, "label": x} for b in bases for x in ("base", "+MCR")]
+                 + [{"group": "R16", "base": "simclr", "label": f"{l1:g}|{l2:g}"}
+                    for l1 in (0.001, 0.01, 0.1) for l2 in (0.1, 1.0)]
+                 + [{"group": "R17", "base": "byol", "label": x} for x in ("M(h)", "M(z)", "mixup 0.5", "no bi-level")],
+                 ["linear_acc", "knn_acc"], s3)
+    base = "simclr"
+    # the calls of claims.NOTEBOOK_TABLES, with each notebook's names
+    env = {"runs": None, "pd": pd, "from_wide": C.from_wide, "base": base, "METRICS": None}
+    spec = {"10_gessl_universality": (nb10, {"METRICS": nb10_m}),
+            "11_gessl_sensitivity": (nb11, {"CLAIM_METRICS": ["linear_acc", "knn_acc"]}),
+            "12_gessl_tsne": (nb12, {"SCORES": dict.fromkeys(scores)}),
+            "13_gessl_bilevel_ablation": (nb13, {"METRICS": acc}),
+            "14_gessl_efficiency_stability": (nb14, {"METRICS": nb14_m}),
+            "20_tc2_gradient_conflict": (nb20, {"ACC": acc}),
+            "21_tc2_ablation": (nb21, {"METRICS": acc}),
+            "30_bissl": (None, {"main_rows": main_rows.to_dict("records"), "dur_rows": dur_rows.to_dict("records")}),
+            "40_mcr": (nb40, {"ACC": ["linear_acc", "knn_acc"]})}
+    out = {}
+    for nb, (runs, names) in spec.items():
+        out[nb] = eval(C.NOTEBOOK_TABLES[nb], {**env, "runs": runs, **names})  # noqa: S307  our own snippet
+    return out
+
+
+def test_notebook_tables_name_every_declared_run():
+    tables = notebook_frames()
+    assert set(tables) == {c.notebook for c in C.CLAIMS.values()}
+    for cid, claim in C.CLAIMS.items():
+        v = C.decide(cid, tables[claim.notebook])
+        missing = [r.reason for r in v.results + v.secondary if "not in the table" in r.reason]
+        assert not missing, (cid, missing)
+        assert all(r.n >= 3 for r in v.results), cid

@@ -254,10 +254,30 @@ def from_wide(frame: pd.DataFrame, run, metrics, *, seed: str = "seed", diverged
         names = [" ".join(fmt(v) for v in vals) for vals in frame[cols].itertuples(index=False)]
     mapping = dict(metrics) if isinstance(metrics, dict) else {m: m for m in metrics}
     div = frame[diverged].fillna(0).astype(float).to_numpy() != 0 if diverged in frame else np.zeros(len(frame), bool)
-    rows = [{"run": name, "seed": s, "metric": metric, "value": float(v), "diverged": bool(dv)}
+    rows = [{"run": name, "seed": s, "metric": metric, "value": float("nan") if v is None else float(v),
+             "diverged": bool(dv)}
             for col, metric in mapping.items()
             for name, s, v, dv in zip(names, frame[seed], frame[col], div)]
     return pd.DataFrame(rows, columns=["run", "seed", "metric", "value", "diverged"])
+
+
+# How each notebook's per-seed frame becomes the long table whose run names CLAIMS uses (the names are the
+# notebooks' metrics.json result keys).  Names as in the notebooks' code; tests/test_claims.py checks them.
+NOTEBOOK_TABLES = {
+    "10_gessl_universality": 'from_wide(runs, ["base", "method"], METRICS)',
+    "11_gessl_sensitivity": 'from_wide(runs, lambda r: f"{r.sweep}={r.value:g} {r.method}" if r.sweep != "base" '
+                            'else f"{base} without GeSSL", CLAIM_METRICS)',
+    "12_gessl_tsne": 'from_wide(runs, ["base", "method"], list(SCORES))',
+    "13_gessl_bilevel_ablation": 'from_wide(runs, ["group", "label"], METRICS + ["train_s_per_epoch"])',
+    "14_gessl_efficiency_stability": 'from_wide(runs, "method", METRICS)',
+    "20_tc2_gradient_conflict": 'from_wide(runs, "label", ACC + ["mean_cos", "conflict_steps"])',
+    "21_tc2_ablation": 'from_wide(runs, ["group", "label"], METRICS)',
+    "30_bissl": 'pd.concat([from_wide(pd.DataFrame(main_rows), lambda r: f"{r.task} {arm}", '
+                '{f"{arm}_top1": "top1", f"{arm}_top5": "top5"}) for arm in ("bissl", "only_ft")] + '
+                '[from_wide(pd.DataFrame(dur_rows), lambda r: f"{r.task} {r.epochs} epochs {arm}", '
+                '{f"{arm}_top1": "top1"}) for arm in ("bissl", "only_ft")])',
+    "40_mcr": 'from_wide(runs, ["group", "base", "label"], ACC)',
+}
 
 
 @dataclass
@@ -501,6 +521,11 @@ class ClaimVerdict:
         other = [r for r in self.results if r.label == "not resolved" and not math.isfinite(r.mde)]
         if other:
             text += " Not testable: " + "; ".join(f"{r.comparison.name} ({r.reason})" for r in other) + "."
+        if self.secondary:
+            ks = {lab: sum(r.label == lab for r in self.secondary) for lab in LABELS}
+            text += (f" Secondary comparisons (reported, not deciding; their own Holm family): {ks['supported']} "
+                     f"supported, {ks['contradicted']} contradicted, {ks['not resolved']} not resolved of "
+                     f"{len(self.secondary)}.")
         lost = [r for r in self.results + self.secondary if r.note]
         if lost:
             text += " Seeds dropped: " + "; ".join(f"{r.comparison.name}: {r.note}" for r in lost) + "."
