@@ -197,8 +197,10 @@ def test_equivalence_margin():
     assert inside.label == "supported" and -0.04 < inside.results[0].ci_low < inside.results[0].ci_high < 0.04
     outside = C.decide(claim_of(eq), pair_table({("A", "B", "m"): -0.12 + 0.005 * zvec(5)}))
     assert outside.label == "contradicted" and outside.results[0].ci_high < -0.04
-    noisy = C.decide(claim_of(eq), pair_table({("A", "B", "m"): 0.0 + 0.05 * zvec(5)})).results[0]
+    noisy_v = C.decide(claim_of(eq), pair_table({("A", "B", "m"): 0.0 + 0.05 * zvec(5)}))
+    noisy = noisy_v.results[0]
     assert noisy.label == "not resolved" and noisy.mde > 0.04  # this run cannot show a 0.04 margin
+    assert f"prove equivalence within about {noisy.mde:.3f}" in noisy_v.reading()
 
 
 def test_no_effect_error_rates_over_many_claims():
@@ -261,6 +263,8 @@ def test_declarations():
         assert c.primary and c.source and c.text and c.notebook
         assert len(set(c.comparisons)) == len(c.comparisons)
     assert C.mcr_table6_margin() == pytest.approx((93.91 - 90.08) / 100)
+    assert all(c.margin == C.mcr_table6_margin() for c in C.CLAIMS["R16"].comparisons)
+    assert f"±{C.mcr_table6_margin():g}" in C.CLAIMS["R16"].how
     tab = C.claims_table()
     assert len(tab) == sum(len(c.comparisons) for c in C.CLAIMS.values())
     assert set(tab.direction) == {">", "<", "≈"}

@@ -1,7 +1,8 @@
 """Every paper claim R1-R17 of ``shared/paper-claims.md``, declared once, and the one rule that decides it.
 
 A claim is a list of *comparisons* "run A vs run B on a metric, in a claimed direction", some of them *primary*
-(they decide the claim) and the rest *secondary* (reported beside it, never deciding it).  Runs are named by their
+(they decide the claim) and the rest *secondary* (reported beside it, never deciding it); ``Claim.how`` says how
+the paper's words became these comparisons and ``Claim.not_covered`` what of the claim they leave out.  Runs are named by their
 key in the notebook's ``metrics.json`` ``results`` (e.g. ``"simclr +GeSSL"`` in notebook 10, ``"mu=0.7 +GeSSL"``
 in notebook 11, ``"variant bilevel"`` in notebook 13); :data:`CLAIMS` uses the runs of the default profiles.
 
@@ -56,7 +57,9 @@ Input
 -----
 A long :class:`pandas.DataFrame` with columns ``run, seed, metric, value`` (optionally ``diverged``), which
 :func:`from_wide` builds from the notebooks' per-seed ``runs`` frames, or a dict
-``{run: {metric: [values by seed 0, 1, ...] or {seed: value}}}``.
+``{run: {metric: [values by seed 0, 1, ...] or {seed: value}}}``; :data:`NOTEBOOK_TABLES` gives the call per
+notebook.  Output: :func:`decide` -> :class:`ClaimVerdict` (``.markdown()``, ``.reading()``, ``.table()``,
+``.as_dict()`` for ``metrics.json``), :func:`verdict_table` for several claims, :func:`markdown_table`.
 
 What the rule does not cover
 ----------------------------
@@ -116,6 +119,7 @@ class Claim:
     source: str
     notebook: str
     comparisons: tuple[Comparison, ...]
+    how: str = ""  # how the words of the claim become these comparisons
     not_covered: str = ""  # parts of the claim this rule cannot decide, and why
 
     @property
@@ -171,13 +175,16 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
         _each([("mu=0.7 +GeSSL", "mu=1 +GeSSL"), ("k=30 +GeSSL", "k=10 +GeSSL"), ("k=30 +GeSSL", "k=50 +GeSSL")], ACC2)
         + _each([("mu=0.7 +GeSSL", "mu=0 +GeSSL")], ACC2, primary=False,
                 note="μ = 0 switches L_disc off, outside the range 0.3-1 the paper searched")),
-          not_covered="'best' is read as 'beats the other swept values'; values between the swept ones are not run"),
+          how="'best' = the paper's value beats each other swept value within the range the paper searched",
+          not_covered="values between the swept ones"),
     Claim("R3", "L_disc gives sharper class clusters", "GeSSL Fig. 8", "12_gessl_tsne", tuple(
         _each([(f"{b} +GeSSL", f"{b} +GeSSL μ=0") for b in BASES], ["silhouette_test"])
         + _each([(f"{b} +GeSSL", f"{b} +GeSSL μ=0") for b in BASES], ["davies_bouldin_test"], "less")
         + _each([(f"{b} +GeSSL", f"{b} +GeSSL μ=0") for b in BASES], ["silhouette_novel"], primary=False)
         + _each([(f"{b} +GeSSL", f"{b} +GeSSL μ=0") for b in BASES], ["davies_bouldin_novel"], "less", False)),
-          not_covered="the t-SNE pictures themselves; silhouette (higher) and Davies-Bouldin (lower) stand in"),
+          how="sharper = higher silhouette and lower Davies-Bouldin of the base-class test features, with L_disc "
+              "(μ = 0.7) against the same GeSSL without it (μ = 0)",
+          not_covered="the t-SNE pictures themselves"),
     Claim("R4", "bilevel beats one-stage joint optimisation and a separate f′ per task", "GeSSL Fig. 11",
           "13_gessl_bilevel_ablation",
           tuple(_each([("variant bilevel", "variant joint"), ("variant bilevel", "variant per_task")], ACC3))),
@@ -185,10 +192,13 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "13_gessl_bilevel_ablation", tuple(
               _each([("engine aid_fd", f"engine {e}") for e in ENGINES_ALL], ACC3)
               + _each([("engine aid_fd", f"engine {e}") for e in ENGINES_G], ["train_s_per_epoch"], "less", False,
-                      note="training time of each seed's run, under the load it was trained with"))),
+                      note="training time of each seed's run, under the load it was trained with")),
+          how="best = more accurate than each other engine (App. G.4 and Fig. 4 judge accuracy); training time "
+              "against the engines that also give g a gradient is secondary"),
     Claim("R6", "GeSSL costs less time per epoch than its base", "GeSSL Tables 28-29",
           "14_gessl_efficiency_stability",
-          tuple(_each([("+GeSSL second_order", "base"), ("+GeSSL aid_fd", "base")], ["train_s_per_epoch"], "less")),
+          tuple(_each([("+GeSSL second_order", "base"), ("+GeSSL aid_fd", "base")], ["train_s_per_epoch"], "less",
+                      note="training time of each seed's run, under the load it was trained with")),
           not_covered="the benchmarked step time and peak memory (one measurement per configuration, no seeds)"),
     Claim("R7", "GeSSL improves few-shot accuracy on class-disjoint tasks", "GeSSL Table 4", "10_gessl_universality",
           tuple(_each([(f"{b} +GeSSL", f"{b} base") for b in BASES], ("fewshot_5w1s_acc", "fewshot_5w5s_acc")))),
@@ -201,28 +211,37 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           tuple(_each([(f"{b} +GeSSL", f"{b} base") for b in BASES], ["S"])
                 + _each([(f"{b} +GeSSL", f"{b} base") for b in BASES], ("S_disc", "S_gen", "S_trans"),
                         primary=False)),
+          how="universality = the σ-measure S; its three parts are secondary",
           not_covered="the ratio r per epoch (Table 16) is a curve of seed means, not a paired difference"),
     Claim("R10", "splitting a batch into tasks creates inter-task gradient conflict and unstable gains",
           "TC² Fig. 1", "20_tc2_gradient_conflict",
-          tuple(_each([("simclr+T", "simclr")], ["conflict_steps"]) + _each([("simclr+T", "simclr")], ["mean_cos"], "less")),
+          tuple(_each([("simclr+T", "simclr")], ["conflict_steps"])
+                + _each([("simclr+T", "simclr")], ["mean_cos"], "less")),
+          how="conflict = more steps with a negative task-gradient cosine and a lower mean cosine than SimCLR "
+              "without the split, measured by the same monitor",
           not_covered="'unstable gains' is a claim about the spread of the gains over seeds (the notebook's "
                       "sign count and F test), which a paired mean difference cannot decide"),
     Claim("R11", "TC² improves its base; L_v, L_w and the bilevel update each matter", "TC² Tables 5, 12",
           "21_tc2_ablation", tuple(_each([("tc2 full", "base simclr")] + [
-              ("tc2 full", f"ablation {v}") for v in ("no_lv", "no_lw", "no_lv_lw", "no_bilevel")], ACC2))),
+              ("tc2 full", f"ablation {v}") for v in ("no_lv", "no_lw", "no_lv_lw", "no_bilevel")], ACC2)),
+          how="'each matters' = the full TC² run beats the run without that part"),
     Claim("R12", "n_t = 4 tasks is best; n_f = d factors is best", "TC² Tables 13, 9", "21_tc2_ablation",
           tuple(_each([("n_tasks 4", f"n_tasks {n}") for n in (2, 8, 16)]
-                      + [("n_f 1d", f"n_f {r}d") for r in ("0.25", "0.5", "2")], ACC2))),
+                      + [("n_f 1d", f"n_f {r}d") for r in ("0.25", "0.5", "2")], ACC2)),
+          how="'best' = the paper's value beats each other swept value"),
     Claim("R13", "BiSSL + fine-tuning beats fine-tuning alone", "BiSSL Table 1", "30_bissl",
           tuple(_each([(f"{t} bissl", f"{t} only_ft") for t in ("digits", "heldout")], ["top1"])
                 + _each([(f"{t} bissl", f"{t} only_ft") for t in ("digits", "heldout")], ["top5"], primary=False))),
     Claim("R14", "the BiSSL gain persists across pretext durations", "BiSSL Fig. 2", "30_bissl",
-          tuple(_each([(f"digits {e} epochs bissl", f"digits {e} epochs only_ft") for e in (3, 10, 20)], ["top1"]))),
+          tuple(_each([(f"digits {e} epochs bissl", f"digits {e} epochs only_ft") for e in (3, 10, 20)], ["top1"])),
+          how="persists = BiSSL + fine-tuning beats fine-tuning alone at each pretext duration"),
     Claim("R15", "MCR improves its base on linear and 5-NN accuracy", "MCR Table 1", "40_mcr",
           tuple(_each([(f"R15 {b} +MCR", f"R15 {b} base") for b in BASES], ACC2))),
     Claim("R16", "MCR is insensitive to λ1, λ2", "MCR Table 6", "40_mcr", tuple(_r16()),
-          not_covered="insensitive = every other grid cell within the paper's own Table 6 variation of the default "
-                      "cell (equivalence, margin from mcr_table6_margin); cells outside the default grid are not run"),
+          how=f"insensitive = every other cell of the grid equivalent to the default cell {MCR_DEFAULT} within "
+              f"±{mcr_table6_margin():g}, the largest variation from that cell in the paper's own Table 6, which it "
+              "calls minimal",
+          not_covered="cells outside the grid the notebook runs"),
     Claim("R17", "fusion in representation space beats embedding-space and mixup fusion; no-bilevel is worse",
           "MCR Table 7", "40_mcr", tuple(_each([("R17 byol M(h)", f"R17 byol {x}")
                                                 for x in ("M(z)", "mixup 0.5", "no bi-level")], ACC2))),
@@ -293,7 +312,8 @@ def _normalise(table) -> _Data:
         if missing:
             raise ValueError(f"table: missing columns {sorted(missing)}; expected run, seed, metric, value")
         flags = table["diverged"].fillna(False).astype(bool).to_numpy() if "diverged" in table else None
-        for i, (run, seed, metric, value) in enumerate(table[["run", "seed", "metric", "value"]].itertuples(index=False)):
+        cols = table[["run", "seed", "metric", "value"]]
+        for i, (run, seed, metric, value) in enumerate(cols.itertuples(index=False)):
             if flags is not None and flags[i]:
                 diverged.setdefault(run, set()).add(seed)
             _put(values, diverged, run, metric, seed, value)
@@ -349,7 +369,8 @@ class ComparisonResult:
                 "primary": c.primary, "margin": c.margin, "label": self.label, "n": self.n, "mean": self.mean,
                 "ci_low": self.ci_low, "ci_high": self.ci_high, "ci_level": self.ci_level, "p": self.p,
                 "p_adj": self.p_adj, "mde": self.mde, "seeds": list(self.seeds),
-                "dropped": {str(k): v for k, v in self.dropped.items()}, "reason": self.reason, "note": self.note}
+                "dropped": {str(k): v for k, v in self.dropped.items()}, "reason": self.reason, "note": self.note,
+                "caveat": c.note}
 
 
 def _usable(data: _Data, run: str, metric: str) -> tuple[dict, dict]:
@@ -388,8 +409,7 @@ def _pair(data: _Data, c: Comparison) -> ComparisonResult:
         notes.append(f"unusable seeds: A {len(bad_a)}, B {len(bad_b)} (" + "; ".join(
             f"seed {s}: {w}" for s, w in res.dropped.items() if "diverged" in w or "non-finite" in w) + ")")
         if c.direction != "equivalent" and len(bad_a) > len(bad_b):
-            notes.append(f"the side claimed {'better' if c.direction == 'greater' else 'lower'} (A) lost more "
-                         f"seeds than B")
+            notes.append("the side the claim favours (A) lost more seeds than B")
     one_sided = [s for s, w in res.dropped.items() if "has no seed" in w]
     if one_sided:
         notes.append("seeds on one side only: " + ", ".join(map(str, one_sided)))
@@ -459,9 +479,9 @@ def _decide_family(results: list[ComparisonResult], alpha: float, power: float):
             r.reason = f"Holm-adjusted p {pa:.3g} <= {alpha:g}"
         else:
             r.label = "not resolved"
-            what = "the margin" if c.direction == "equivalent" else "a difference"
-            r.reason = (f"Holm-adjusted p {pa:.3g} > {alpha:g}; the run could detect {what} of about "
-                        f"{r.mde:.3g} with {power:.0%} power")
+            what = ("prove a margin as small as about" if c.direction == "equivalent"
+                    else "detect a difference of about")
+            r.reason = f"Holm-adjusted p {pa:.3g} > {alpha:g}; the run could {what} {r.mde:.3g} with {power:.0%} power"
 
 
 @dataclass
@@ -496,6 +516,7 @@ class ClaimVerdict:
         cols = ["comparison", "primary", "n", "mean A − B", "CI (Holm level)", "p adj", "MDE", "label", "note"]
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in rows]
+        head += f"\n\nRead as: {self.claim.how}." if self.claim.how else ""
         tail = f"\n\nNot decided by this rule: {self.claim.not_covered}." if self.claim.not_covered else ""
         return head + "\n\n" + "\n".join(lines) + tail
 
@@ -508,6 +529,7 @@ class ClaimVerdict:
                 f"{n} primary comparison{'s' * (n != 1)}, {k['supported']} supported, {k['contradicted']} "
                 f"contradicted and {k['not resolved']} not resolved (paired over {seeds_txt} seeds, Student t, "
                 f"Holm-Bonferroni at α = {self.alpha:g}).")
+        text += f" Read as: {self.claim.how}." if self.claim.how else ""
         decided = [r for r in self.results if r.label != "not resolved"]
         if decided:
             text += " Decided: " + "; ".join(_short(r) for r in decided) + "."
@@ -516,8 +538,10 @@ class ClaimVerdict:
             means, mdes = [r.mean for r in open_], [r.mde for r in open_]
             span = lambda xs, sign: (_f(xs[0], sign) if len(xs) == 1  # noqa: E731
                                      else f"{_f(min(xs), sign)} to {_f(max(xs), sign)}")
+            what = ("prove equivalence within about" if all(r.comparison.direction == "equivalent" for r in open_)
+                    else "detect about")
             text += (f" The {len(open_)} not resolved had mean differences of {span(means, True)}; with their seed "
-                     f"noise they could detect about {span(mdes, False)} with {self.power:.0%} power.")
+                     f"noise they could {what} {span(mdes, False)} with {self.power:.0%} power.")
         other = [r for r in self.results if r.label == "not resolved" and not math.isfinite(r.mde)]
         if other:
             text += " Not testable: " + "; ".join(f"{r.comparison.name} ({r.reason})" for r in other) + "."
@@ -549,8 +573,8 @@ def _md_row(r: ComparisonResult) -> dict:
             "n": r.n, "mean A − B": _f(r.mean), "CI (Holm level)": ci,
             "p adj": f"{r.p_adj:.3f}" if math.isfinite(r.p_adj) else "-",
             "MDE": _f(r.mde, sign=False) if math.isfinite(r.mde) else "-", "label": r.label,
-            "note": "; ".join(x for x in (r.note, r.reason if not math.isfinite(r.p_adj) else "") if x).replace(
-                "|", "\\|")}
+            "note": "; ".join(x for x in (r.comparison.note, r.note, r.reason if not math.isfinite(r.p_adj) else "")
+                              if x).replace("|", "\\|")}
 
 
 def decide(claim: str | Claim, table, *, alpha: float = ALPHA, power: float = POWER) -> ClaimVerdict:
@@ -569,7 +593,8 @@ def decide(claim: str | Claim, table, *, alpha: float = ALPHA, power: float = PO
     k = {lab: sum(r.label == lab for r in primary) for lab in LABELS}
     tested = sum(math.isfinite(r.p) for r in primary)
     if k["supported"] and not k["contradicted"]:
-        label, reason = "supported", f"{k['supported']} of {len(primary)} primary comparisons supported, none contradicted"
+        label, reason = "supported", (f"{k['supported']} of {len(primary)} primary comparisons supported, "
+                                      "none contradicted")
     elif k["contradicted"] and not k["supported"]:
         label, reason = "contradicted", (f"{k['contradicted']} of {len(primary)} primary comparisons contradicted, "
                                          "none supported")
