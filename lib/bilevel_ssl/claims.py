@@ -2,9 +2,10 @@
 
 A claim is a list of *comparisons* "run A vs run B on a metric, in a claimed direction", some of them *primary*
 (they decide the claim) and the rest *secondary* (reported beside it, never deciding it); ``Claim.how`` says how
-the paper's words became these comparisons and ``Claim.not_covered`` what of the claim they leave out.  Runs are named by their
-key in the notebook's ``metrics.json`` ``results`` (e.g. ``"simclr +GeSSL"`` in notebook 10, ``"mu=0.7 +GeSSL"``
-in notebook 11, ``"variant bilevel"`` in notebook 13); :data:`CLAIMS` uses the runs of the default profiles.
+the paper's words became these comparisons and ``Claim.not_covered`` what of the claim they leave out.  Runs are
+named by their key in the notebook's ``metrics.json`` ``results`` (e.g. ``"simclr +GeSSL"`` in notebook 10,
+``"mu=0.7 +GeSSL"`` in notebook 11, ``"variant bilevel"`` in notebook 13); :data:`CLAIMS` uses the runs of the
+default profiles, so a smaller profile shows the runs it lacks as "not in the table".
 
 The rule
 --------
@@ -24,7 +25,9 @@ The rule
    ones form their own family): adjusted ``p_adj(j) = max_{i<=j} min(1, (m − i + 1) p(i))`` in ascending order of
    p.  A comparison is decided when ``p_adj <= alpha`` (0.05): **supported** if its smaller p was the claimed
    side, **contradicted** if it was the opposite; otherwise **not resolved**.  Holm keeps the chance of any false
-   decision among the m comparisons at most alpha, and step-down rejects more than plain Bonferroni.
+   decision among the m comparisons at most alpha (for decisions of either sign this is proven for independent
+   comparisons, Shaffer 1980; tests/test_claims.py checks it by simulation), and its step-down decides more than
+   plain Bonferroni.
 4. **CI at the adjusted level.**  Each comparison reports the t interval ``mean ± t(1 − a/2, n − 1) · sd/√n`` at
    ``a = alpha · p / p_adj`` (``alpha / (m − j + 1)``, Holm's own step level, unless a larger p-value earlier in
    the order carried over).  With that level the interval agrees with the decision: a directional comparison is
