@@ -173,7 +173,35 @@ def test_holm_step_down():
     strong = {(f"X{i}", f"N{i}", "m"): diff_with_p(1e-4) for i in range(2)}
     r = C.decide(crowd, pair_table({("A", "B", "m"): diff_with_p(0.03), **strong})).results[0]
     assert r.p_adj == pytest.approx(0.03) and r.label == "supported"  # step-down: Bonferroni would say 0.09
-    assert r.ci_low > 0
+    assert r.ci_low > 0 and r.ci_level == pytest.approx(0.95)  # Holm's last step is tested at alpha
+    v = C.decide(crowd, pair_table({("A", "B", "m"): diff_with_p(0.03), **strong}))
+    # the two strong ones tie at p 1e-4: the first step is at alpha / 3 and the second inherits its adjusted p
+    assert [x.ci_level for x in v.results[1:]] == pytest.approx([1 - 0.05 / 3] * 2)
+
+
+def test_interval_agrees_with_every_decision():
+    """Step 4 of the rule: at the Holm level a directional comparison is decided exactly when its CI excludes 0,
+    an equivalence one is supported exactly when its CI is inside (−δ, δ) and contradicted when wholly outside."""
+    rng = np.random.default_rng(5)
+    comps = [C.Comparison(f"A{i}", f"B{i}", "m", d, margin=0.5 if d == "equivalent" else 0.0)
+             for i, d in enumerate(["greater", "less", "equivalent"] * 3)]
+    seen = set()
+    for _ in range(300):
+        table = {}
+        for c in comps:
+            eq = c.direction == "equivalent"
+            b = rng.normal(size=4)
+            table[c.b] = {"m": list(b)}
+            table[c.a] = {"m": list(b + rng.normal(0, 0.5 if eq else 1) + (0.1 if eq else 0.6) * rng.normal(size=4))}
+        for r in C.decide(claim_of(*comps), table).results:
+            lo, hi, d = r.ci_low, r.ci_high, r.comparison.margin
+            if r.comparison.direction == "equivalent":
+                assert (r.label == "supported") == (-d < lo and hi < d)
+                assert (r.label == "contradicted") == (lo > d or hi < -d)
+            else:
+                assert (r.label != "not resolved") == (lo > 0 or hi < 0)
+            seen.add((r.comparison.direction, r.label))
+    assert len(seen) == 9  # every direction met every label
 
 
 def test_mixed_claim_is_not_resolved():
