@@ -117,6 +117,9 @@ class Comparison:
 
 @dataclass(frozen=True)
 class Claim:
+    """One paper claim: its id in ``shared/paper-claims.md``, words, source (paper table/figure), the notebook whose
+    runs test it, and its comparisons (the primary ones decide it)."""
+
     id: str
     text: str
     source: str
@@ -243,7 +246,7 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
     Claim("R16", "MCR is insensitive to λ1, λ2", "MCR Table 6", "40_mcr", tuple(_r16()),
           how=f"insensitive = every other cell of the grid equivalent to the default cell {MCR_DEFAULT} within "
               f"±{mcr_table6_margin():g}, the largest variation from that cell in the paper's own Table 6, which it "
-              "calls minimal",
+              "calls minimal (Table 6 is linear accuracy; the same margin serves 5-NN)",
           not_covered="cells outside the grid the notebook runs"),
     Claim("R17", "fusion in representation space beats embedding-space and mixup fusion; no-bilevel is worse",
           "MCR Table 7", "40_mcr", tuple(_each([("R17 byol M(h)", f"R17 byol {x}")
