@@ -7,6 +7,10 @@ STAMP   := $(VENV)/.installed
 PROFILE ?= default
 NB      ?=
 TORCH   := torch==2.14.1 torchvision==0.29.1
+# Jupyter refuses to start as root ("Running as root is not recommended") unless told: containers and rented GPU
+# machines run as root.  LAB_ARGS passes further options (e.g. --no-browser --port 8890).
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+LAB_ARGS ?=
 
 .PHONY: setup reproduce test lab clean-outputs constraints
 
@@ -29,7 +33,7 @@ test: $(STAMP)
 
 ## make lab: JupyterLab on the repo with the project's environment
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=.
+	$(BIN)/jupyter lab --notebook-dir=. $(ROOT_FLAG) $(LAB_ARGS)
 
 ## make constraints: record the exact versions of the current .venv (after a deliberate upgrade)
 constraints:

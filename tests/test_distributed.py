@@ -35,11 +35,12 @@ def torchrun(cfg: dict, out: Path) -> list[dict]:
 def simclr_runs(tmp_path_factory, tiny):
     cfg = {**CFG, "sync_bn": True}
     ranks = torchrun(cfg, tmp_path_factory.mktemp("ddp_simclr"))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         single = train(TrainConfig(**cfg), tiny)
     finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads)
     return ranks, single
 
 

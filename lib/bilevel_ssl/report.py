@@ -41,6 +41,10 @@ def machine() -> dict[str, Any]:
 
     return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            # which vectorised kernels torch picked (AVX512, AVX2, DEFAULT...): float results differ in the last
+            # bits between them; ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA lower it (README, "Same numbers")
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
@@ -68,3 +72,22 @@ def write_metrics(run_dir: str | Path, *, params: dict, results: dict, seed: int
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(record), indent=2, sort_keys=False) + "\n")
     return path
+
+
+def table_structure(table) -> str:
+    """What of a results table is the same on every CPU: its row labels, its columns and whether every number
+    is finite.  The notebooks' nbval-checked cells print this; the numbers themselves differ in the last bits
+    between CPU kernel sets and are compared, within measured tolerances, by ``tests/test_smoke_metrics.py``."""
+    import pandas as pd
+
+    def label(x) -> str:
+        return " / ".join(map(str, x)) if isinstance(x, tuple) else str(x)
+
+    numeric = table.select_dtypes("number")
+    finite = bool(np.isfinite(numeric.to_numpy(dtype=float)).all()) if numeric.size else True
+    lines = [f"{len(table)} rows x {len(table.columns)} columns; every number finite: {finite}",
+             "rows: " + ", ".join(label(i) for i in table.index),
+             "columns: " + ", ".join(label(c) for c in table.columns)]
+    if isinstance(table.index, pd.MultiIndex):
+        lines[1] = f"rows ({' / '.join(map(str, table.index.names))}): " + lines[1][len("rows: "):]
+    return "\n".join(lines)

@@ -110,6 +110,11 @@ def run(names: list[str], profile: str, *, log_output: bool = False) -> int:
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    from .runtime import pin_threads
+
+    threads = pin_threads()  # the kernels inherit OMP_NUM_THREADS: results do not depend on the machine's load
+    print(f"[reproduce] {threads} CPU threads per notebook (BILEVEL_SSL_THREADS)", flush=True)
+
     timings = {}
     for name, params in plan:
         out = outputs_dir() / name / profile / f"{name}.ipynb"

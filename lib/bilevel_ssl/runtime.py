@@ -61,3 +61,33 @@ def release_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+THREADS_ENV = "BILEVEL_SSL_THREADS"
+DEFAULT_THREADS = 2
+
+
+def pinned_threads() -> int:
+    """The CPU thread count that ``make reproduce`` and ``make test`` use: ``$BILEVEL_SSL_THREADS``, else 2.
+
+    Float32 results depend on the thread count (reductions are split into per-thread partial sums), so a
+    number must not depend on how many cores the machine has or on what else runs on it.  2 is the size of the
+    machines this project is built and tested on; set ``BILEVEL_SSL_THREADS`` to use more (the count is recorded
+    in ``metrics.json`` and is part of the encoder-cache key, so runs with another count are kept apart)."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_THREADS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{THREADS_ENV}: must be a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
+def pin_threads() -> int:
+    """Pin torch's intra-op threads in this process *and* in the processes it starts (notebook kernels,
+    workers: through ``OMP_NUM_THREADS``, which torch reads at start-up) to :func:`pinned_threads`.  Returns it."""
+    import torch
+
+    n = pinned_threads()
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    return n
