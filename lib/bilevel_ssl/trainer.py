@@ -61,12 +61,22 @@ def build_net(cfg: TrainConfig, in_channels: int, image_size: int) -> tuple[SSLN
     return SSLNet(backbone, objective.heads(backbone.feature_dim)), objective
 
 
-def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def make_optimizer(name: str, params, *, lr: float, momentum: float = 0.0,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The library's optimizers by name (:data:`bilevel_ssl.config.OPTIMIZERS`): ``sgd`` (with ``momentum``),
+    ``adam``, ``adamw`` (``momentum`` unused), each with coupled (SGD, Adam) or decoupled (AdamW) ``weight_decay``."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer: unknown {name!r}; allowed: sgd, adam, adamw")
+
+
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """The optimizer of a run: ``cfg.optimizer`` with ``cfg.lr``, ``cfg.momentum`` and ``cfg.weight_decay``."""
+    return make_optimizer(cfg.optimizer, params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -77,6 +87,12 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_schedule(opt: torch.optim.Optimizer, total: int, warmup: int,
+                   schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule stepped once per optimizer step: :func:`lr_factor` times the initial lr."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, schedule))
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
@@ -225,11 +241,10 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
     net.to(device)
     meta = make_meta(cfg.meta, objective, net, cfg).to(device)
     meta.dist = dist
-    opt = _optimizer(cfg, [*net.parameters(), *meta.parameters()])
+    opt = build_optimizer(cfg, [*net.parameters(), *meta.parameters()])
     steps_per_epoch = n // cfg.batch_size  # drop_last: every step sees a full batch (BatchNorm, negatives)
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, cfg.warmup_epochs * steps_per_epoch, cfg.schedule))
+    sched = build_schedule(opt, total, cfg.warmup_epochs * steps_per_epoch, cfg.schedule)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     history: list[dict] = []
     start_epoch, partial = 0, None
