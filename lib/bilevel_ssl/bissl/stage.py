@@ -51,7 +51,8 @@ class PretextModel:
 class BiSSLResult:
     """What the stage returns.  ``backbone`` is θ_P (what Algorithm 1 returns and fine-tuning starts from);
     ``net`` the lower model (θ_P, ϕ_P); ``backbone_D`` / ``head`` the upper model (θ_D, ϕ_D) (``None`` for
-    :func:`~bilevel_ssl.bissl.continue_pretext`); ``history`` one record per alternation (see :meth:`BiSSLStage.alternation`)."""
+    :func:`~bilevel_ssl.bissl.continue_pretext`); ``history`` one record per alternation (see
+    :meth:`BiSSLStage.alternation`)."""
 
     net: SSLNet
     backbone_D: nn.Module | None
