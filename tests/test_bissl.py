@@ -557,3 +557,10 @@ def test_lower_level_uses_the_pretext_runs_augmentation():
     stage = BiSSLStage(pm, None, tiny_images(24, seed=2), None, BiSSLConfig(progress=False, lower_batch_size=8),
                        couple=False)
     assert stage.aug.flip_p == 1.0 and stage.aug.crop_scale == (0.5, 0.6)
+
+
+def test_cuda_requested_without_gpu_names_the_bissl_key(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="bissl.device: 'cuda' was asked for .* allowed here: cpu, auto"):
+        BiSSLConfig(device="cuda").resolved_device()
+    assert BiSSLConfig(device="auto").resolved_device() == "cpu"

@@ -144,3 +144,25 @@ def test_augment_args_change_the_views_and_are_validated_before_compute(tiny):
     assert cfg(augment_args={"rotate90_p": 0.75}).augmentation().rotate90_p == 0.75
     with pytest.raises(ConfigError, match=r"augment_args: unknown field\(s\) \['rotation'\]"):
         cfg(augment_args={"rotation": 0.5})
+
+
+def test_optimizer_and_schedule_builders():
+    """The public builders the trainer, BiSSL and the benchmark share: by name with the given settings, and the
+    schedule multiplies the initial lr by lr_factor after each step."""
+    from bilevel_ssl.trainer import build_optimizer, build_schedule, make_optimizer
+
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = build_optimizer(cfg(optimizer="sgd", lr=0.2, momentum=0.8, weight_decay=1e-3), p)
+    assert type(sgd) is torch.optim.SGD
+    assert {k: sgd.defaults[k] for k in ("lr", "momentum", "weight_decay")} == {"lr": 0.2, "momentum": 0.8,
+                                                                                "weight_decay": 1e-3}
+    assert type(make_optimizer("adam", p, lr=0.1, momentum=0.5)) is torch.optim.Adam
+    adamw = make_optimizer("adamw", p, lr=0.1, weight_decay=0.05)
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 0.05
+    with pytest.raises(ValueError, match="optimizer: unknown 'lars'; allowed: sgd, adam, adamw"):
+        make_optimizer("lars", p, lr=0.1)
+    sched = build_schedule(sgd, 10, 2, "cosine")
+    for step in range(1, 12):
+        sgd.step()
+        sched.step()
+        assert sgd.param_groups[0]["lr"] == pytest.approx(0.2 * lr_factor(step, 10, 2, "cosine"), abs=1e-15)

@@ -39,7 +39,7 @@ from .hypergrad import ENGINES
 from .meta import make_meta
 from .objectives import OBJECTIVES
 from .runtime import release_memory, tune_cpu_allocator
-from .trainer import _optimizer, build_net, train_step
+from .trainer import build_net, build_optimizer, train_step
 
 TARGETS = {"gessl_second_order": 3.5, "gessl_first_order": 2.2}
 AUGMENT_TARGET = 0.05
@@ -120,7 +120,7 @@ def _setup(overrides: dict, batch: int, device: str, channels: int, size: int):
     net, objective = build_net(cfg, channels, size)
     net.to(dev).train()
     meta = make_meta(cfg.meta, objective, net, cfg).to(dev)
-    opt = _optimizer(cfg, [*net.parameters(), *meta.parameters()])
+    opt = build_optimizer(cfg, [*net.parameters(), *meta.parameters()])
     return cfg, dev, net, meta, opt
 
 

@@ -137,11 +137,19 @@ class TrainConfig:
         if self.amp and not torch.cuda.is_available():
             raise ConfigError(f"amp: mixed precision is for device cuda (bf16 autocast), and device {self.device!r} "
                               f"resolves to cpu here; allowed on cpu: false")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device: 'cuda' was asked for but torch.cuda.is_available() is False; allowed here: cpu, auto")
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return resolve_device(self.device)
+
+
+def resolve_device(device: str, key: str = "device") -> str:
+    """``cpu`` / ``cuda`` as given, ``auto`` -> cuda when available, else cpu; ``cuda`` without CUDA raises
+    ``ConfigError("<key>: ...")`` (``key`` names the option in the message, e.g. ``bissl.device``)."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}: 'cuda' was asked for but torch.cuda.is_available() is False; allowed here: cpu, auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}

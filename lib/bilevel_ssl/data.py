@@ -330,3 +330,39 @@ def make_splits(ds: ImageSet, *, novel_classes: int | Sequence[int] = 0, test_fr
 # The augmentation preset (bilevel_ssl.augment.PRESETS) that suits each dataset.
 AUGMENT_PRESET = {"mnist5k": "mnist", "digits": "mnist", "omniglot": "mnist", "mnistm5k": "mnistm",
                   "cifar10": "cifar", "cifar100": "cifar", "stl10": "stl10", "imagefolder": "imagenet"}
+
+
+# ------------------------------------------------------------------------------------------------------ batches
+class BatchStack:
+    """App. B.4: batches are drawn from a shuffled "stack" that is reshuffled only when fewer batches remain than
+    the next phase needs (``phase(k)``); if the set holds fewer than k full batches, it is reshuffled whenever
+    fewer images than one batch remain.  Full batches only (train-mode BatchNorm, contrastive negatives).
+    Deterministic given the generator."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        if not 1 <= batch_size <= n:
+            raise ValueError(f"batch_size: {batch_size} must be in 1..{n} (the number of images)")
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.perm: Tensor | None = None
+        self.pos = 0
+        self.reshuffles = 0
+
+    def _reshuffle(self) -> None:
+        self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+        self.reshuffles += 1
+
+    @property
+    def remaining(self) -> int:
+        """Full batches left in the current permutation."""
+        return 0 if self.perm is None else (self.n - self.pos) // self.batch_size
+
+    def phase(self, k: int) -> list[Tensor]:
+        if self.remaining < k and self.n // self.batch_size >= k:
+            self._reshuffle()
+        out = []
+        for _ in range(k):
+            if self.remaining < 1:
+                self._reshuffle()
+            out.append(self.perm[self.pos:self.pos + self.batch_size])
+            self.pos += self.batch_size
+        return out

@@ -1,16 +1,21 @@
-"""Evaluators of frozen encoders: k-NN, linear probe, few-shot episodes, confidence intervals.
+"""Evaluators of frozen encoders: k-NN, linear probe, few-shot episodes, confidence intervals; and the feature and
+BatchNorm helpers around them (train-mode features and their normalisation for a linear head, BatchNorm statistics
+re-estimated on downstream data).
 
-All of them take *features* (``extract_features`` computes them once, in eval mode) so that one forward pass
+All evaluators take *features* (``extract_features`` computes them once, in eval mode) so that one forward pass
 serves every protocol.  Classifiers come from scikit-learn.
 """
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
+import torch.nn as nn
 from torch import Tensor
 
-from .data import ImageSet, to_channels
+from .data import BatchStack, ImageSet, to_channels
 
 
 @torch.no_grad()
@@ -36,6 +41,61 @@ def extract_features(encoder: torch.nn.Module, data: ImageSet | Tensor, *, devic
         feats.append(encoder(x).float().cpu())
     encoder.train(was_training)
     return torch.cat(feats).numpy()
+
+
+def batch_features(backbone: nn.Module, images: Tensor, idx_batches, device) -> Tensor:
+    """Features of ``images[b]`` (uint8) for each index batch ``b``, concatenated, without gradient and in the
+    backbone's current mode (train mode: batch statistics)."""
+    with torch.no_grad():
+        return torch.cat([backbone(images[b].to(device).float().div_(255)) for b in idx_batches])
+
+
+def feature_normalizer(feats: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and one scale, the root mean square of the centred features (mean over dimensions of the
+    per-dimension variance): features then have unit average variance, whatever the encoder's feature scale.
+
+    Why one scale and not a per-dimension std (the StandardScaler of :mod:`bilevel_ssl.semisup`): a backbone with
+    nearly dead feature dimensions has tiny per-dimension stds, and dividing by them amplifies those dimensions by
+    orders of magnitude as soon as the backbone moves - measured on a BiSSL θ_P (:mod:`bilevel_ssl.bissl`; mnistm5k
+    SimCLR, digits): fine-tuning behind a per-dimension standardisation diverged (training loss 1e14, top-1 0.29),
+    with raw features it reached 0.97.  A single scale keeps the features' relative geometry.  Used by BiSSL's
+    downstream head (:class:`bilevel_ssl.bissl.DownstreamHead`, ``head_standardize``)."""
+    mean = feats.mean(0)
+    scale = ((feats - mean) ** 2).mean().sqrt().clamp_min(1e-12)
+    return mean, scale
+
+
+@torch.no_grad()
+def reestimate_bn(backbone: nn.Module, data: ImageSet | Tensor, *, batch_size: int = 256, n_batches: int = 100,
+                  seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+    """A copy of ``backbone`` whose BatchNorm running statistics are re-estimated on ``data`` (BiSSL App. C.2: the
+    downstream training set in batches of 256, about 100 batches forward-passed), returned in eval mode.
+
+    The statistics are reset and accumulated as a *cumulative* average over the ``n_batches`` batches (BatchNorm
+    momentum None), i.e. the mean of the per-batch statistics; batches are successive full batches of shuffled
+    permutations (a new permutation when one is used up; all images in one batch if there are fewer than
+    ``batch_size``).  Learned parameters are not touched; ``backbone`` itself is not modified."""
+    images = data.images if isinstance(data, ImageSet) else data
+    if n_batches < 1 or batch_size < 2:
+        raise ValueError(f"n_batches / batch_size: must be >= 1 / >= 2, got {n_batches} / {batch_size}")
+    bb = copy.deepcopy(backbone).to(device)
+    want = backbone.spec["in_channels"] if hasattr(backbone, "spec") else images.shape[1]
+    if images.dtype == torch.uint8:
+        images = to_channels(images, want)
+    bns = [m for m in bb.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    bb.train()
+    bs = min(batch_size, len(images))
+    stack = BatchStack(len(images), bs, torch.Generator().manual_seed(seed))
+    for idx in stack.phase(n_batches):
+        x = images[idx].to(device)
+        bb(x.float().div_(255) if x.dtype == torch.uint8 else x.float())
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    return bb.eval()
 
 
 def raw_pixels(data: ImageSet) -> np.ndarray:

@@ -61,12 +61,22 @@ def build_net(cfg: TrainConfig, in_channels: int, image_size: int) -> tuple[SSLN
     return SSLNet(backbone, objective.heads(backbone.feature_dim)), objective
 
 
-def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def make_optimizer(name: str, params, *, lr: float, momentum: float = 0.0,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The library's optimizers by name (:data:`bilevel_ssl.config.OPTIMIZERS`): ``sgd`` (with ``momentum``),
+    ``adam``, ``adamw`` (``momentum`` unused), each with coupled (SGD, Adam) or decoupled (AdamW) ``weight_decay``."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer: unknown {name!r}; allowed: sgd, adam, adamw")
+
+
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """The optimizer of a run: ``cfg.optimizer`` with ``cfg.lr``, ``cfg.momentum`` and ``cfg.weight_decay``."""
+    return make_optimizer(cfg.optimizer, params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -77,6 +87,12 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_schedule(opt: torch.optim.Optimizer, total: int, warmup: int,
+                   schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule stepped once per optimizer step: :func:`lr_factor` times the initial lr."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, schedule))
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
@@ -170,6 +186,134 @@ class _Sigterm:
         return bool(flag.item() > 0)
 
 
+def check_run(cfg: TrainConfig, n: int, out: Path | None, *, resume: bool, overwrite: bool) -> None:
+    """What :func:`train` checks before any compute: the config type, the batch against the ``n`` images, an
+    existing run directory (replaced only with ``overwrite``), and under torchrun the per-rank shard of the batch
+    (divisible, and valid for the meta-method).  Raises :class:`~bilevel_ssl.config.ConfigError` naming the key."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg: expected TrainConfig, got {type(cfg).__name__}")
+    if cfg.batch_size > n:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the {n} training images; allowed: 2..{n}")
+    if out is not None and not resume and not overwrite and (out / CHECKPOINT).exists():
+        raise ConfigError(f"out_dir: {out} holds the checkpoint of an earlier run; resume=True continues it, "
+                          f"overwrite=True replaces it, or choose another out_dir")
+    world = distributed.world_size_from_env()
+    if world > 1 and cfg.batch_size % world:
+        raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must split into {world} equal shards "
+                          f"(WORLD_SIZE={world}); allowed: multiples of {world}")
+    if world > 1:  # the meta-method's batch checks (tasks of >= 2 pairs, ...) apply to each rank's shard
+        from .meta import meta_class
+
+        local = cfg.batch_size // world
+        try:
+            meta_class(cfg.meta).check_config(dataclasses.replace(cfg, batch_size=local))
+        except ValueError as err:
+            raise ConfigError(f"batch_size / WORLD_SIZE: the per-rank batch of {local} "
+                              f"({cfg.batch_size} / {world}) is not valid: {err}") from None
+
+
+@dataclass
+class _Run:
+    """The state of one :func:`train` call: what a checkpoint holds (network, meta-method, optimizer, schedule,
+    generator, history) and what every step needs (images on the device, augmentation, torchrun group)."""
+
+    cfg: TrainConfig
+    net: SSLNet
+    meta: object
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    gen: torch.Generator
+    aug: object
+    device: torch.device
+    dist: distributed.Dist | None
+    out: Path | None
+    steps_per_epoch: int
+    total: int
+    images: torch.Tensor | None = None
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    def checkpoint(self, epoch_done: int, part: dict | None = None) -> None:
+        """Write ``out/checkpoint.pt`` atomically (main rank only); ``part``: where a SIGTERM stopped the epoch."""
+        if self.main:
+            _save_atomic({"config": self.cfg.to_dict(), "net": self.net.state_dict(),
+                          "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                          "meta": self.meta.state_dict(), "generator": self.gen.get_state(),
+                          "torch_rng": torch.get_rng_state(), "history": self.history, "epoch": epoch_done,
+                          "partial": part}, self.out / CHECKPOINT)
+
+    def resume(self, ckpt_path: Path) -> tuple[int, dict | None]:
+        """Load a checkpoint of the same run (other parameters than :data:`TrainConfig.RUN_CONTROL` are an error):
+        everything it holds, RNG states included.  Returns the epochs done and the mid-epoch (SIGTERM) state, if
+        any."""
+        cfg = self.cfg
+        ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=False)
+        differing = sorted(k for k in set(ckpt["config"]) | set(cfg.to_dict())
+                           if k not in TrainConfig.RUN_CONTROL and ckpt["config"].get(k) != cfg.to_dict().get(k))
+        if differing:
+            raise ConfigError(f"resume: {ckpt_path} was written with other parameters; use another out_dir "
+                              f"or overwrite=True with resume=False (differing keys: {differing})")
+        self.net.load_state_dict(ckpt["net"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.meta.load_state_dict(ckpt["meta"])
+        # RNG states are CPU byte tensors; map_location=device moved them to the GPU with everything else
+        self.gen.set_state(ckpt["generator"].cpu())
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        self.history = ckpt["history"]
+        return ckpt["epoch"], ckpt.get("partial")  # partial: a mid-epoch (SIGTERM) checkpoint, where the epoch stopped
+
+    def epoch(self, epoch: int, partial: dict | None, sigterm: "_Sigterm", step_monitors: tuple[StepMonitor, ...],
+              monitors: tuple[Callable[[int, SSLNet], dict], ...]) -> dict:
+        """One epoch (or the rest of the one ``partial`` describes): its steps, then the monitors; returns the
+        epoch's record (not yet in the history).  A SIGTERM after a step that does not end the epoch writes a
+        mid-epoch checkpoint and exits with status 143."""
+        cfg, n, device = self.cfg, len(self.images), self.device
+        t0 = time.perf_counter()
+        if partial is not None:  # finish the epoch a SIGTERM interrupted, exactly as it would have gone
+            perm, first, logs, per_step = partial["perm"], partial["step"], partial["logs"], partial["per_step"]
+            t0 -= partial["time_s"]
+        else:
+            perm, first, logs, per_step = torch.randperm(n, generator=self.gen), 0, {}, []
+        for step in range(first, self.steps_per_epoch):
+            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
+            global_step = epoch * self.steps_per_epoch + step + 1
+            try:
+                step_logs = train_step(self.net, self.meta, self.opt, self.images[idx], self.aug, self.gen,
+                                       step_monitors, global_step, dist=self.dist, amp=cfg.amp,
+                                       sync_buffers=self.dist is not None and not cfg.sync_bn)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"epoch {epoch + 1} step {step + 1}: {err}; last good checkpoint: "
+                                         f"{self.out / CHECKPOINT if self.out else 'none'}") from None
+            for k, v in step_logs.items():
+                logs[k] = logs.get(k, 0.0) + v / self.steps_per_epoch
+            if step_monitors:
+                per_step.append({"step": global_step, **step_logs})
+            self.meta.after_step(self.net, global_step / self.total)
+            self.sched.step()
+            if sigterm.check(self.dist) and step + 1 < self.steps_per_epoch:
+                where = "nowhere (no out_dir)"
+                if self.out is not None:
+                    self.checkpoint(epoch, {"perm": perm, "step": step + 1, "logs": logs, "per_step": per_step,
+                                            "time_s": time.perf_counter() - t0})
+                    where = str(self.out / CHECKPOINT)
+                print(f"SIGTERM: stopped at epoch {epoch + 1} step {step + 1}; checkpoint: {where}; the same "
+                      f"call with resume=True continues exactly", file=sys.stderr, flush=True)
+                raise SystemExit(128 + signal.SIGTERM)
+        record = {"epoch": epoch + 1, **logs, "lr": self.opt.param_groups[0]["lr"],
+                  "time_s": time.perf_counter() - t0}
+        if step_monitors:
+            record["steps"] = per_step
+        if self.main:
+            for monitor in monitors:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                    record.update(monitor(epoch + 1, self.net))
+        return record
+
+
 def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *, resume: bool = True,
           overwrite: bool = False, callbacks: tuple[Callable[[int, dict], None], ...] = (),
           monitors: tuple[Callable[[int, SSLNet], dict], ...] = (),
@@ -190,31 +334,10 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
     cosines).  Their numbers are averaged into the epoch's record like the step logs, and kept per step in
     ``record["steps"]`` (a list of dicts with ``"step"``).
     """
-    if not isinstance(cfg, TrainConfig):
-        raise TypeError(f"cfg: expected TrainConfig, got {type(cfg).__name__}")
-    n = len(data)
-    if cfg.batch_size > n:
-        raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the {n} training images; allowed: 2..{n}")
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None and not resume and not overwrite and (out / CHECKPOINT).exists():
-        raise ConfigError(f"out_dir: {out} holds the checkpoint of an earlier run; resume=True continues it, "
-                          f"overwrite=True replaces it, or choose another out_dir")
-    world = distributed.world_size_from_env()
-    if world > 1 and cfg.batch_size % world:
-        raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must split into {world} equal shards "
-                          f"(WORLD_SIZE={world}); allowed: multiples of {world}")
-    if world > 1:  # the meta-method's batch checks (tasks of >= 2 pairs, ...) apply to each rank's shard
-        from .meta import meta_class
-
-        local = cfg.batch_size // world
-        try:
-            meta_class(cfg.meta).check_config(dataclasses.replace(cfg, batch_size=local))
-        except ValueError as err:
-            raise ConfigError(f"batch_size / WORLD_SIZE: the per-rank batch of {local} "
-                              f"({cfg.batch_size} / {world}) is not valid: {err}") from None
+    check_run(cfg, len(data), out, resume=resume, overwrite=overwrite)
     dist = distributed.init(cfg.resolved_device())
     device = dist.device if dist is not None else torch.device(cfg.resolved_device())
-    main = dist is None or dist.is_main
     aug = with_overrides(preset(cfg.augment), cfg.augment_args)
     if device.type == "cpu":
         tune_cpu_allocator()  # only with BILEVEL_SSL_MALLOC=reuse: ~1.7x faster CPU steps (bilevel_ssl.runtime)
@@ -225,104 +348,42 @@ def train(cfg: TrainConfig, data: ImageSet, out_dir: str | Path | None = None, *
     net.to(device)
     meta = make_meta(cfg.meta, objective, net, cfg).to(device)
     meta.dist = dist
-    opt = _optimizer(cfg, [*net.parameters(), *meta.parameters()])
-    steps_per_epoch = n // cfg.batch_size  # drop_last: every step sees a full batch (BatchNorm, negatives)
+    opt = build_optimizer(cfg, [*net.parameters(), *meta.parameters()])
+    steps_per_epoch = len(data) // cfg.batch_size  # drop_last: every step sees a full batch (BatchNorm, negatives)
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, cfg.warmup_epochs * steps_per_epoch, cfg.schedule))
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    history: list[dict] = []
+    sched = build_schedule(opt, total, cfg.warmup_epochs * steps_per_epoch, cfg.schedule)
+    run = _Run(cfg, net, meta, opt, sched, torch.Generator().manual_seed(cfg.seed + 1), aug, device, dist, out,
+               steps_per_epoch, total)
     start_epoch, partial = 0, None
-
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt_path = out / CHECKPOINT
-        if resume and ckpt_path.exists():
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-            differing = sorted(k for k in set(ckpt["config"]) | set(cfg.to_dict())
-                               if k not in TrainConfig.RUN_CONTROL and ckpt["config"].get(k) != cfg.to_dict().get(k))
-            if differing:
-                raise ConfigError(f"resume: {ckpt_path} was written with other parameters; use another out_dir "
-                                  f"or overwrite=True with resume=False (differing keys: {differing})")
-            net.load_state_dict(ckpt["net"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            meta.load_state_dict(ckpt["meta"])
-            # RNG states are CPU byte tensors; map_location=device moved them to the GPU with everything else
-            gen.set_state(ckpt["generator"].cpu())
-            torch.set_rng_state(ckpt["torch_rng"].cpu())
-            history, start_epoch = ckpt["history"], ckpt["epoch"]
-            partial = ckpt.get("partial")  # a mid-epoch (SIGTERM) checkpoint: where the epoch stopped
+        if resume and (out / CHECKPOINT).exists():
+            start_epoch, partial = run.resume(out / CHECKPOINT)
 
-    def checkpoint(epoch_done: int, part: dict | None = None) -> None:
-        if main:
-            _save_atomic({"config": cfg.to_dict(), "net": net.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "meta": meta.state_dict(), "generator": gen.get_state(),
-                          "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch_done,
-                          "partial": part}, out / CHECKPOINT)
-
-    images = data.images
     if device.type == "cuda":  # the dataset lives on the GPU; pinned pages make the one copy asynchronous
-        images = images.pin_memory().to(device, non_blocking=True)
+        run.images = data.images.pin_memory().to(device, non_blocking=True)
     else:
-        images = images.to(device)
+        run.images = data.images.to(device)
     net.train()
-    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.objective}/{cfg.meta}", disable=not (cfg.progress and main),
-               initial=start_epoch, total=cfg.epochs, unit="epoch")
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.objective}/{cfg.meta}",
+               disable=not (cfg.progress and run.main), initial=start_epoch, total=cfg.epochs, unit="epoch")
     sigterm = _Sigterm()
     with sigterm:
         for epoch in bar:
-            t0 = time.perf_counter()
-            if partial is not None:  # finish the epoch a SIGTERM interrupted, exactly as it would have gone
-                perm, first, logs, per_step = partial["perm"], partial["step"], partial["logs"], partial["per_step"]
-                t0 -= partial["time_s"]
-                partial = None
-            else:
-                perm, first, logs, per_step = torch.randperm(n, generator=gen), 0, {}, []
-            for step in range(first, steps_per_epoch):
-                idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
-                global_step = epoch * steps_per_epoch + step + 1
-                try:
-                    step_logs = train_step(net, meta, opt, images[idx], aug, gen, step_monitors, global_step,
-                                           dist=dist, amp=cfg.amp, sync_buffers=dist is not None and not cfg.sync_bn)
-                except FloatingPointError as err:
-                    raise FloatingPointError(f"epoch {epoch + 1} step {step + 1}: {err}; last good checkpoint: "
-                                             f"{out / CHECKPOINT if out else 'none'}") from None
-                for k, v in step_logs.items():
-                    logs[k] = logs.get(k, 0.0) + v / steps_per_epoch
-                if step_monitors:
-                    per_step.append({"step": global_step, **step_logs})
-                meta.after_step(net, global_step / total)
-                sched.step()
-                if sigterm.check(dist) and step + 1 < steps_per_epoch:
-                    where = "nowhere (no out_dir)"
-                    if out is not None:
-                        checkpoint(epoch, {"perm": perm, "step": step + 1, "logs": logs, "per_step": per_step,
-                                           "time_s": time.perf_counter() - t0})
-                        where = str(out / CHECKPOINT)
-                    print(f"SIGTERM: stopped at epoch {epoch + 1} step {step + 1}; checkpoint: {where}; the same "
-                          f"call with resume=True continues exactly", file=sys.stderr, flush=True)
-                    raise SystemExit(128 + signal.SIGTERM)
-            record = {"epoch": epoch + 1, **logs, "lr": opt.param_groups[0]["lr"],
-                      "time_s": time.perf_counter() - t0}
-            if step_monitors:
-                record["steps"] = per_step
-            if main:
-                for monitor in monitors:
-                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-                        record.update(monitor(epoch + 1, net))
-            history.append(record)
-            bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+            record = run.epoch(epoch, partial, sigterm, step_monitors, monitors)
+            partial = None
+            run.history.append(record)
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
             if out is not None and ((cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)
                                     or epoch + 1 == cfg.epochs):
-                checkpoint(epoch + 1)
+                run.checkpoint(epoch + 1)
             for cb in callbacks:
                 cb(epoch + 1, record)
     bar.close()
     release_memory()  # the allocator keeps freed blocks during training (bilevel_ssl.runtime); give them back
-    if out is not None and main:
+    if out is not None and run.main:
         save_encoder(net.backbone, out / ENCODER, objective=cfg.objective, meta=cfg.meta, epochs=cfg.epochs)
-    return TrainResult(net, history, out)
+    return TrainResult(net, run.history, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,254 @@
+"""BiSSL's configuration: :class:`BiSSLConfig` (head warm-up + Algorithm 1) and :class:`FinetuneConfig` (stage 4 of
+Fig. 1), both validated on construction, before any compute: a bad value raises ``ValueError("bissl.<key>: ...")``
+(``finetune.<key>``) naming the allowed values.  Also what the configuration's names mean for the other modules of
+the package: the random streams derived from ``seed`` (:func:`stream_seeds`) and the crop + flip of an augmentation
+preset (:func:`crop_flip`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..augment import PRESETS, AugmentConfig, preset
+from ..config import DEVICES, SCHEDULES, TrainConfig, resolve_device
+
+# Objectives whose outputs are a deterministic function of the views (MAE draws random masks inside ``outputs``,
+# so repeated HVP evaluations on "one batch" would see different masks).
+OBJECTIVES_OK = ("simclr", "moco_v2", "byol", "simsiam", "dino", "barlow_twins", "vicreg", "swav")
+
+
+def _fail(prefix: str, key: str, msg: str) -> ValueError:
+    return ValueError(f"{prefix}.{key}: {msg}")
+
+
+def _check_preset(prefix: str, key: str, value: str) -> None:
+    """An augmentation preset name, or '' for none."""
+    if value and value not in PRESETS:
+        raise _fail(prefix, key, f"unknown preset {value!r}; allowed: '' (none) or {', '.join(sorted(PRESETS))}")
+
+
+def _check_fields(obj, prefix: str, spec: dict) -> None:
+    """spec: key -> (kind, lo, lo_open) with kind in int/float/bool/str/optint/optfloat; lo None = no bound."""
+    for key, (kind, lo, lo_open) in spec.items():
+        value = getattr(obj, key)
+        optional = kind.startswith("opt")
+        base = kind[3:] if optional else kind
+        if optional and value is None:
+            continue
+        allowed = " or None" if optional else ""
+        if base == "bool":
+            if not isinstance(value, bool):
+                raise _fail(prefix, key, f"must be True or False, got {value!r}")
+            continue
+        if base == "str":
+            if not isinstance(value, str):
+                raise _fail(prefix, key, f"must be a string{allowed}, got {value!r}")
+            continue
+        if base == "int":
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise _fail(prefix, key, f"must be an integer{allowed}, got {type(value).__name__} {value!r}")
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                hint = " (YAML 1.1 reads 1e-3 as a string: write 1.0e-3)" if isinstance(value, str) else ""
+                raise _fail(prefix, key, f"must be a number{allowed}, got {type(value).__name__} {value!r}{hint}")
+            if not math.isfinite(value):
+                raise _fail(prefix, key, f"must be finite, got {value!r}")
+        if lo is not None and (value <= lo if lo_open else value < lo):
+            raise _fail(prefix, key, f"must be {'>' if lo_open else '>='} {lo}{allowed}, got {value!r}")
+
+
+def _from_dict(cls, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"{prefix}: expected a dict of options, got {type(d).__name__}")
+    keys = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(keys))
+    if unknown:
+        raise ValueError(f"{prefix}: unknown key(s) {unknown}; allowed: {', '.join(keys)}")
+    return cls(**d)
+
+
+@dataclass
+class BiSSLConfig:
+    """Everything the BiSSL stage (head warm-up + Algorithm 1) needs, validated on construction: a bad value raises
+    ``ValueError("bissl.<key>: ...")`` naming the allowed values, before any compute.
+
+    Paper / reference defaults (§4.2.2, App. B.3, ``shared/reference-facts.md``):
+
+    * ``alternations`` T = 500, ``lower_steps`` N_L = 20, ``upper_steps`` N_U = 8, ``lam`` λ = 1e-3 (§4.2.2).
+      With SGD the proximal term pulls θ_P towards θ_D by a fraction lr·λ per lower step, lr·λ·T·N_L over the stage:
+      at a scaled-down T·N_L the paper's λ leaves the lower level uncoupled (= the baseline), so small-scale runs
+      need a larger λ (``params/default/30_bissl.yaml``).
+    * ``cg_iters`` N_c = 5, ``cg_damping`` λ_damp = 10 (App. B.3, Alg. 2), ``cg_layerwise`` = True (the reference's
+      default: one α, β per parameter tensor, §3.3 "layer-wise implementation of the CG method").
+    * ``direct_weight`` γ = 1 (reference, later versions), ``clip_norm`` = 10 at both levels (§4.2.2; 0 disables).
+    * ``hvp_batch_size``: images of the one pretext batch per alternation on which the HVPs are taken; ``None`` = the
+      lower batch size (reference).  A smaller batch is a CPU-cost deviation (an HVP costs ~5 lower steps here).
+    * Lower level = the pretext setup (§4.2.2 "primarily follows the setup described for pretext pre-training"):
+      ``lower_lr`` / ``lower_weight_decay`` / ``lower_batch_size`` ``None`` = the pretext run's; the pretext run's
+      optimizer and momentum; linear warm-up over ``lower_warmup``·N_L steps (paper: 10·N_L), then cosine decay to 0
+      at T·N_L.  (The paper uses LARS; the library's trainer has SGD/Adam/AdamW, and the lower level continues with
+      the optimizer its backbone was pre-trained with.)
+    * ``teacher_momentum`` = 0.9995: the constant EMA of a momentum teacher (BYOL, §4.2.1); unused by SimCLR.
+    * Upper level and head warm-up = the downstream setup: SGD with ``downstream_lr`` 0.05, ``downstream_momentum``
+      0.9, ``downstream_weight_decay`` 5e-4, ``downstream_batch_size`` 256 (reference; the paper's Table 4 lists
+      0.005-0.05 and 5e-5-6e-3 per dataset; §4.2.2: "the weight decays and base learning rates [of the upper level]
+      are set to match those of the downstream head warm-up").  Upper schedule ``upper_schedule`` = cosine over the
+      T·N_U upper steps (the fine-tuning setup's schedule; the paper does not state it for the upper level).
+      ``warmup_epochs`` = 20 at a constant lr (§4.2.2).
+    * ``head_standardize`` (ours, default True: :func:`~bilevel_ssl.evaluate.feature_normalizer`) and
+      ``downstream_augment`` ("" = none, else the crop + flip of an augmentation preset, as the paper's fine-tuning
+      augmentation, §4.2.1): see the package docstring.
+    """
+
+    alternations: int = 500
+    lower_steps: int = 20
+    upper_steps: int = 8
+    lam: float = 1e-3
+    cg_iters: int = 5
+    cg_damping: float = 10.0
+    cg_layerwise: bool = True
+    direct_weight: float = 1.0
+    clip_norm: float = 10.0
+    hvp_batch_size: int | None = None
+    lower_lr: float | None = None
+    lower_weight_decay: float | None = None
+    lower_batch_size: int | None = None
+    lower_warmup: int = 10
+    teacher_momentum: float = 0.9995
+    downstream_lr: float = 0.05
+    downstream_momentum: float = 0.9
+    downstream_weight_decay: float = 5e-4
+    downstream_batch_size: int = 256
+    upper_schedule: str = "cosine"
+    warmup_epochs: int = 20
+    head_standardize: bool = True
+    downstream_augment: str = ""
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    _SPEC = {
+        "alternations": ("int", 1, False), "lower_steps": ("int", 1, False), "upper_steps": ("int", 1, False),
+        "lam": ("float", 0.0, True), "cg_iters": ("int", 0, False), "cg_damping": ("float", 0.0, False),
+        "cg_layerwise": ("bool", None, False), "direct_weight": ("float", 0.0, False),
+        "clip_norm": ("float", 0.0, False), "hvp_batch_size": ("optint", 2, False),
+        "lower_lr": ("optfloat", 0.0, True), "lower_weight_decay": ("optfloat", 0.0, False),
+        "lower_batch_size": ("optint", 2, False), "lower_warmup": ("int", 0, False),
+        "teacher_momentum": ("float", 0.0, False), "downstream_lr": ("float", 0.0, True),
+        "downstream_momentum": ("float", 0.0, False), "downstream_weight_decay": ("float", 0.0, False),
+        "downstream_batch_size": ("int", 2, False), "upper_schedule": ("str", None, False),
+        "warmup_epochs": ("int", 0, False), "head_standardize": ("bool", None, False),
+        "downstream_augment": ("str", None, False), "seed": ("int", 0, False), "device": ("str", None, False),
+        "progress": ("bool", None, False),
+    }
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "bissl", self._SPEC)
+        if self.teacher_momentum > 1.0:
+            raise _fail("bissl", "teacher_momentum", f"must be in [0, 1], got {self.teacher_momentum!r}")
+        if self.downstream_momentum >= 1.0:
+            raise _fail("bissl", "downstream_momentum", f"must be in [0, 1), got {self.downstream_momentum!r}")
+        if self.lower_warmup and self.lower_warmup >= self.alternations:
+            raise _fail("bissl", "lower_warmup", f"must be < alternations ({self.alternations}) or 0, got "
+                                                  f"{self.lower_warmup!r}")
+        if self.upper_schedule not in SCHEDULES:
+            raise _fail("bissl", "upper_schedule", f"unknown value {self.upper_schedule!r}; allowed: "
+                                                    f"{', '.join(SCHEDULES)}")
+        if self.device not in DEVICES:
+            raise _fail("bissl", "device", f"unknown value {self.device!r}; allowed: {', '.join(DEVICES)}")
+        _check_preset("bissl", "downstream_augment", self.downstream_augment)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BiSSLConfig":
+        """From a params dict; unknown keys raise ``bissl: unknown key(s) ...; allowed: ...``."""
+        return _from_dict(cls, d, "bissl")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resolved_device(self) -> str:
+        """``cpu`` / ``cuda`` as given, ``auto`` -> cuda when available; ``cuda`` without CUDA raises
+        ``bissl.device: ...`` (:func:`bilevel_ssl.config.resolve_device`)."""
+        return resolve_device(self.device, "bissl.device")
+
+    # ------------------------------------------------------------------ what depends on the pretext run and data
+    def lower_settings(self, pretext_cfg: TrainConfig) -> dict:
+        """The lower level's optimiser settings: the pretext run's, overridden by the ``lower_*`` keys given."""
+        return {"optimizer": pretext_cfg.optimizer, "momentum": pretext_cfg.momentum,
+                "lr": pretext_cfg.lr if self.lower_lr is None else self.lower_lr,
+                "weight_decay": pretext_cfg.weight_decay if self.lower_weight_decay is None else self.lower_weight_decay,
+                "batch_size": pretext_cfg.batch_size if self.lower_batch_size is None else self.lower_batch_size}
+
+    def check_against(self, pretext_cfg: TrainConfig, n_pretext: int, n_downstream: int | None = None) -> None:
+        """Checks that need the pretext configuration and the data sizes; raise ``bissl.<key>: ...``."""
+        if pretext_cfg.objective not in OBJECTIVES_OK:
+            raise ValueError(f"bissl: pretext objective {pretext_cfg.objective!r} is not supported (its outputs draw "
+                             f"random masks, so the HVPs of one batch would not see one loss); allowed: "
+                             f"{', '.join(OBJECTIVES_OK)}")
+        if pretext_cfg.meta != "none":
+            raise ValueError(f"bissl: the pretext run must be plain SSL (meta 'none'), got meta {pretext_cfg.meta!r}")
+        lower = self.lower_settings(pretext_cfg)
+        key = "lower_batch_size" if self.lower_batch_size is not None else "lower_batch_size (the pretext batch_size)"
+        if lower["batch_size"] > n_pretext:
+            raise _fail("bissl", key, f"{lower['batch_size']} is larger than the {n_pretext} pretext images; allowed: "
+                                      f"2..{n_pretext}")
+        if self.hvp_batch_size is not None and self.hvp_batch_size > n_pretext:
+            raise _fail("bissl", "hvp_batch_size", f"{self.hvp_batch_size} is larger than the {n_pretext} pretext "
+                                                   f"images; allowed: 2..{n_pretext} or None")
+        if n_downstream is not None and self.downstream_batch_size > n_downstream:
+            raise _fail("bissl", "downstream_batch_size", f"{self.downstream_batch_size} is larger than the "
+                                                          f"{n_downstream} downstream training images; allowed: "
+                                                          f"2..{n_downstream}")
+
+
+@dataclass
+class FinetuneConfig:
+    """The final supervised fine-tuning (§4.2.1 "Fine-Tuning on the Downstream Task"): a new linear layer on the
+    backbone, cross-entropy, SGD momentum 0.9, cosine schedule, through :func:`bilevel_ssl.semisup.finetune` with all
+    labels (``fraction`` 1).  Paper: 400 epochs, batch 256, one lr and wd per dataset and method from a 100-point
+    search (Tables 3 and 5); here one setting for both arms of a comparison (no search).  ``lr_head`` ``None`` = ``lr``
+    (the paper's single lr).  ``augment``: "" = none, else the preset's crop + flip (§4.2.1).  ``standardize``: the
+    per-dimension feature standardisation of :mod:`bilevel_ssl.semisup`; default off, the paper's raw linear head
+    (on, fine-tuning a BiSSL θ_P diverged: see :func:`~bilevel_ssl.evaluate.feature_normalizer`).  The paper keeps the epoch with the best
+    validation accuracy; here the last epoch is scored (no validation split)."""
+
+    epochs: int = 400
+    lr: float = 0.05
+    lr_head: float | None = None
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    augment: str = ""
+    standardize: bool = False
+
+    _SPEC = {"epochs": ("int", 1, False), "lr": ("float", 0.0, False), "lr_head": ("optfloat", 0.0, True),
+             "weight_decay": ("float", 0.0, False), "batch_size": ("int", 1, False), "augment": ("str", None, False),
+             "standardize": ("bool", None, False)}
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "finetune", self._SPEC)
+        if self.lr == 0 and self.lr_head is None:
+            raise _fail("finetune", "lr", "0 freezes the backbone and leaves the head without a learning rate; "
+                                          "set lr_head too, or lr > 0")
+        _check_preset("finetune", "augment", self.augment)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        return _from_dict(cls, d, "finetune")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+
+def crop_flip(name: str) -> AugmentConfig | None:
+    """The crop + flip of preset ``name`` (colour, grayscale and blur off); None for ''."""
+    return dataclasses.replace(preset(name), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0) if name else None
+
+
+def stream_seeds(seed: int, n: int) -> list[int]:
+    """n independent 63-bit seeds derived from ``seed`` (numpy SeedSequence): one per random stream."""
+    return [int(s) for s in np.random.SeedSequence(seed).generate_state(n, dtype=np.uint64) % (2 ** 63)]

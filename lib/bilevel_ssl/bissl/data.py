@@ -1,0 +1,110 @@
+"""BiSSL's data: the pretext set (labels unused, with a labelled held-out part) and the downstream tasks in the
+pretext image format (:func:`prepare_pretext`, :func:`prepare_downstream`).
+
+Why here and not in :mod:`bilevel_ssl.experiments`: these are the pretext / downstream pairs of Fig. 1 (a
+downstream task resized and re-channelled to the pretext images, the pretext dataset's held-out labelled part as a
+task), used by BiSSL's notebook and tests only; :mod:`~bilevel_ssl.experiments` holds what every notebook shares
+(and :func:`prepare_pretext` builds on its :func:`~bilevel_ssl.experiments.prepare`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..data import DATASETS, ImageSet, load_dataset, stratified_split, to_channels
+
+DOWNSTREAM_TASKS = ("digits", "heldout", "cifar10", "cifar100", "stl10")
+
+
+@dataclass
+class Downstream:
+    """A labelled downstream task in the pretext image format: ``train`` / ``test`` ImageSets with labels 0..C-1."""
+
+    name: str
+    train: ImageSet
+    test: ImageSet
+
+    @property
+    def n_classes(self) -> int:
+        return int(max(self.train.labels.max(), self.test.labels.max())) + 1
+
+
+@dataclass
+class PretextData:
+    """``pretext``: the images pre-training and the lower level see (labels never read); ``heldout``: labelled
+    images of the same dataset that pre-training never sees (``None`` where the pretext split has no labels)."""
+
+    name: str
+    pretext: ImageSet
+    heldout: ImageSet | None
+
+
+def prepare_pretext(dataset: str = "mnistm5k", *, data_root: str = "", heldout_fraction: float = 0.2,
+                    max_train: int = 0) -> PretextData:
+    """The pretext set: a stratified ``1 − heldout_fraction`` of ``dataset`` (split seed 0; labels unused), capped
+    at ``max_train`` images (0 = all; a fixed random subset), and the held-out rest with labels.  ``stl10`` uses its
+    ``unlabeled`` split (the paper's Fig. 2 pretext set) and has no held-out part."""
+    if dataset not in DATASETS or dataset == "imagefolder":
+        allowed = [d for d in DATASETS if d != "imagefolder"]
+        raise ValueError(f"pretext_dataset: unknown {dataset!r}; allowed: {', '.join(allowed)}")
+    if dataset == "stl10":
+        ds = load_dataset("stl10", root=data_root or None, split="unlabeled")
+        heldout = None
+        pretext = ds
+    else:
+        from ..experiments import prepare
+
+        data = prepare(dataset, novel_classes=0, test_fraction=heldout_fraction, max_train=max_train,
+                       data_root=data_root)
+        return PretextData(dataset, data.pretrain, data.splits.test)
+    if max_train and len(pretext) > max_train:
+        keep = torch.randperm(len(pretext), generator=torch.Generator().manual_seed(0))[:max_train]
+        pretext = pretext.subset(keep)
+    return PretextData(dataset, pretext, heldout)
+
+
+def _format(ds: ImageSet, channels: int, size: int) -> ImageSet:
+    """Resize to ``size`` and replicate / mix channels to ``channels`` (the pretext image format)."""
+    images = ds.images
+    if images.shape[-1] != size or images.shape[-2] != size:
+        x = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        images = x.round().clamp(0, 255).to(torch.uint8)
+    return ImageSet(to_channels(images, channels), ds.labels, ds.name, ds.classes)
+
+
+def _stratified(ds: ImageSet, test_fraction: float, name: str) -> Downstream:
+    tr, te = stratified_split(ds.labels, test_fraction, seed=0)
+    classes = torch.unique(ds.labels)
+    remap = lambda s: ImageSet(s.images, torch.searchsorted(classes, s.labels), s.name, s.classes)
+    return Downstream(name, remap(ds.subset(tr, f"{name}/train")), remap(ds.subset(te, f"{name}/test")))
+
+
+def prepare_downstream(task: str, pretext: PretextData, *, test_fraction: float = 0.5, data_root: str = "") -> Downstream:
+    """A downstream task in the pretext set's image format (size and channels):
+
+    * ``digits`` - scikit-learn's 8x8 digits (1797, resized to the pretext size, gray replicated to RGB), a
+      stratified ``test_fraction`` test split (seed 0);
+    * ``heldout`` - the labelled images of the pretext dataset that pre-training never sees
+      (:func:`prepare_pretext`), split the same way;
+    * ``cifar10`` / ``cifar100`` / ``stl10`` - the dataset's own train / test splits (online; the paper's Table 1
+      datasets, resized to the pretext size: 96 px in the paper).
+    """
+    if task not in DOWNSTREAM_TASKS:
+        raise ValueError(f"downstream_tasks: unknown task {task!r}; allowed: {', '.join(DOWNSTREAM_TASKS)}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"downstream_test_fraction: must be in (0, 1), got {test_fraction!r}")
+    c, size = pretext.pretext.channels, pretext.pretext.size
+    if task == "digits":
+        return _stratified(_format(load_dataset("digits"), c, size), test_fraction, "digits")
+    if task == "heldout":
+        if pretext.heldout is None:
+            raise ValueError(f"downstream_tasks: 'heldout' needs labelled held-out images of the pretext dataset; "
+                             f"{pretext.name} has none here (allowed: digits, cifar10, cifar100, stl10)")
+        return _stratified(_format(pretext.heldout, c, size), test_fraction, f"{pretext.name}-heldout")
+    root = data_root or None
+    train = load_dataset(task, root=root, split="train", image_size=size)
+    test = load_dataset(task, root=root, split="test", image_size=size)
+    return Downstream(task, _format(train, c, size), _format(test, c, size))

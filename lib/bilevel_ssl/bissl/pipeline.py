@@ -1,0 +1,159 @@
+"""The stages of Fig. 1 end to end: pretext pre-training (:func:`pretrain`, :func:`load_pretext`), head warm-up and
+BiSSL (:func:`run_bissl`), the "only FT" baseline's extra pretext compute (:func:`continue_pretext`,
+:func:`equivalent_epochs`), fine-tuning (:func:`finetune_backbone`), all of it for one task (:func:`run_pipeline`),
+and the check of the CG solve (:func:`cg_diagnostics`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import TrainConfig
+from ..data import ImageSet
+from ..meta import SingleLevel
+from ..trainer import CHECKPOINT
+from .config import BiSSLConfig, FinetuneConfig, _fail
+from .implicit import hessian_extremes, implicit_gradient, norm
+from .stage import BiSSLResult, BiSSLStage, PretextModel
+from .warmup import DownstreamHead, warmup_head
+
+
+def load_pretext(run, cfg: TrainConfig) -> PretextModel:
+    """A :class:`PretextModel` from a finished (cached) run: its network, and the teacher / objective state from the
+    run's checkpoint when the run has a folder (``run.out_dir``); without one, a fresh teacher copy of the net."""
+    net = copy.deepcopy(run.net)
+    from ..objectives import make_objective
+
+    objective = make_objective(cfg.objective, **cfg.objective_args)
+    meta = SingleLevel(objective, net)
+    out = getattr(run, "out_dir", None)
+    if out is not None and (Path(out) / CHECKPOINT).exists():
+        ckpt = torch.load(Path(out) / CHECKPOINT, map_location="cpu", weights_only=False)
+        meta.load_state_dict(ckpt["meta"])
+    return PretextModel(net, meta.objective, meta.teacher, cfg)
+
+
+def pretrain(cfg: TrainConfig, images: ImageSet, **kwargs) -> PretextModel:
+    """Stage 1 of Fig. 1: pretext pre-training through the encoder cache (:func:`bilevel_ssl.cache.cached_train`;
+    ``kwargs`` go to it), returned as a :class:`PretextModel`."""
+    from ..cache import cached_train
+
+    return load_pretext(cached_train(cfg, images, **kwargs), cfg)
+
+
+def run_bissl(pretext: PretextModel, downstream: ImageSet, pretext_images: ImageSet | Tensor, cfg: BiSSLConfig, *,
+              head: DownstreamHead | None = None) -> BiSSLResult:
+    """Stages 2-3 of Fig. 1: the head warm-up on the frozen θ (unless ``head`` is given), then Algorithm 1.
+    ``pretext`` is not modified.  Returns θ_P (``.backbone``), the lower and upper models and the histories."""
+    if not isinstance(cfg, BiSSLConfig):
+        raise TypeError(f"cfg: expected BiSSLConfig, got {type(cfg).__name__}")
+    images = pretext_images.images if isinstance(pretext_images, ImageSet) else pretext_images
+    cfg.check_against(pretext.cfg, len(images), len(downstream))  # before the warm-up computes anything
+    warm_hist: list[dict] = []
+    if head is None:
+        head, warm_hist = warmup_head(pretext.backbone, downstream, cfg)
+    result = BiSSLStage(pretext, head, images, downstream, cfg).run()
+    result.warmup_history = warm_hist
+    return result
+
+
+def cg_diagnostics(pretext: PretextModel, downstream: ImageSet, pretext_images: ImageSet | Tensor, cfg: BiSSLConfig,
+                   *, head: DownstreamHead | None = None, iters: Sequence[int] = (1, 2, 5, 10),
+                   dampings: Sequence[float] | None = None, power_iters: int = 20) -> dict:
+    """How well do N_c CG iterations approximate the implicit gradient here?  At the start of BiSSL (θ_P = θ_D = θ,
+    ϕ_D warmed up unless ``head`` is given), on the first alternation's HVP batch and first downstream batch:
+
+    * ``lowest`` / ``highest``: the ends of the spectrum of ∇²_θ L_P (:func:`hessian_extremes`); the operator
+      I + H/(λ + λ_damp) is positive definite - CG's premise - only if lowest > −(λ + λ_damp);
+    * ``rows``: for every λ_damp in ``dampings`` (default: ``cfg.cg_damping``), layer-wise and global CG, and every
+      N_c in ``iters``: the relative true residual ‖v − A v_IG‖/‖v‖ (0 = solved, 1 = no better than v_IG = 0) and
+      cos(v, v_IG), with v = ∇_θ L_D(θ, ϕ_D).
+    """
+    images = pretext_images.images if isinstance(pretext_images, ImageSet) else pretext_images
+    cfg.check_against(pretext.cfg, len(images), len(downstream))
+    if head is None:
+        head, _ = warmup_head(pretext.backbone, downstream, cfg)
+    stage = BiSSLStage(pretext, head, images, downstream, cfg)
+    idx = torch.randperm(len(stage.images), generator=stage.gen_hvp)[:stage.hvp_batch]
+    H = stage.pretext_hessian(stage.views(idx, stage.gen_hvp))
+    x, y = stage.downstream_batch(stage.stack_upper.phase(1)[0])
+    theta = [p.detach().requires_grad_(True) for p in stage.theta_P]
+    loss = F.cross_entropy(stage.head(stage._lower_features(x, theta)), y)
+    v = [g.detach() for g in torch.autograd.grad(loss, theta)]
+    lo, hi = hessian_extremes(H.hvp, v, iters=power_iters, seed=cfg.seed)
+    rows = []
+    vn = norm(v)
+    for damping in (dampings if dampings is not None else [cfg.cg_damping]):
+        for layerwise in (True, False):
+            for n in iters:
+                xs, res = implicit_gradient(H.hvp, v, lam=cfg.lam, damping=damping, iters=int(n),
+                                            layerwise=layerwise, residual=True)
+                xn = norm(xs)
+                cos = float(sum((a.double() * b.double()).sum() for a, b in zip(v, xs))) / (vn * xn) if vn * xn else 0.0
+                rows.append({"damping": float(damping), "layerwise": layerwise, "iters": int(n), "residual": res,
+                             "cos": cos, "ig_norm_ratio": xn / vn if vn else float("nan")})
+    return {"lowest": lo, "highest": hi, "pd_threshold": -(cfg.lam + cfg.cg_damping), "hvp_loss": H.loss,
+            "v_norm": vn, "rows": rows}
+
+
+def continue_pretext(pretext: PretextModel, pretext_images: ImageSet | Tensor, cfg: BiSSLConfig) -> BiSSLResult:
+    """The "only FT" baseline's extra pretext compute: the T·N_L lower steps of :func:`run_bissl` from the same θ,
+    ϕ_P with the same optimiser, schedule, batches and views, without the proximal term and without the upper
+    level (Algorithm 1 with the upper level removed).  ``pretext`` is not modified."""
+    images = pretext_images.images if isinstance(pretext_images, ImageSet) else pretext_images
+    return BiSSLStage(pretext, None, images, None, cfg, couple=False).run()
+
+
+def equivalent_epochs(cfg: BiSSLConfig, pretext_cfg: TrainConfig, n_pretext: int) -> float:
+    """Pretext epochs that the lower level's T·N_L steps amount to (T·N_L·batch / images): the extra epochs a
+    "longer pretext run" baseline gets (§4.3.2, Fig. 2: "baselines pre-trained for 100 additional epochs")."""
+    return cfg.alternations * cfg.lower_steps * cfg.lower_settings(pretext_cfg)["batch_size"] / n_pretext
+
+
+def finetune_backbone(backbone: nn.Module, train: ImageSet, test: ImageSet, ft: FinetuneConfig, *, seed: int = 0,
+                      device: str | torch.device = "cpu", progress: bool = False) -> dict:
+    """Stage 4 of Fig. 1: fine-tune a copy of ``backbone`` with a new linear head on all of ``train`` and score it on
+    ``test`` (:func:`bilevel_ssl.semisup.finetune` with ``fraction`` 1).  Returns ``top1``, ``top5`` (nan under 6
+    classes), ``train_loss``, ``n_labels``."""
+    from ..semisup import finetune
+
+    if not isinstance(ft, FinetuneConfig):
+        raise TypeError(f"ft: expected FinetuneConfig, got {type(ft).__name__}")
+    lr_head = ft.lr if ft.lr_head is None else ft.lr_head
+    return finetune(backbone, train, test, fraction=1.0, lr_head=lr_head, lr_backbone=ft.lr, epochs=ft.epochs,
+                    batch_size=ft.batch_size, weight_decay=ft.weight_decay, augment=ft.augment or None,
+                    standardize=ft.standardize, seed=seed, device=device, progress=progress)
+
+
+def run_pipeline(pretext_cfg: TrainConfig, cfg: BiSSLConfig, ft: FinetuneConfig, pretext_images: ImageSet,
+                 train: ImageSet, test: ImageSet, *, baseline: bool = True, pretext: PretextModel | None = None,
+                 cache_root: str | Path | None = None) -> dict:
+    """The whole of Fig. 1 for one downstream task: pretext pre-training (cached; or ``pretext`` as given), head
+    warm-up, BiSSL, fine-tuning from θ_P; with ``baseline`` also the "only FT" arm (:func:`continue_pretext`, then
+    the same fine-tuning).  Everything is validated before the first computation.  Returns ``{"bissl": scores,
+    "only_ft": scores or None, "result": BiSSLResult, "baseline_result": BiSSLResult or None}``; the
+    fine-tuning seed is ``cfg.seed``."""
+    if not isinstance(pretext_cfg, TrainConfig):
+        raise TypeError(f"pretext_cfg: expected TrainConfig, got {type(pretext_cfg).__name__}")
+    cfg.check_against(pretext_cfg, len(pretext_images), len(train))
+    if ft.batch_size > len(train):
+        raise _fail("finetune", "batch_size", f"{ft.batch_size} is larger than the {len(train)} downstream "
+                                               f"training images; allowed: 1..{len(train)}")
+    if pretext is None:
+        pretext = pretrain(pretext_cfg, pretext_images, root=cache_root)
+    device = cfg.resolved_device()
+    result = run_bissl(pretext, train, pretext_images, cfg)
+    out = {"bissl": finetune_backbone(result.backbone, train, test, ft, seed=cfg.seed, device=device),
+           "result": result, "only_ft": None, "baseline_result": None}
+    if baseline:
+        base = continue_pretext(pretext, pretext_images, cfg)
+        out["baseline_result"] = base
+        out["only_ft"] = finetune_backbone(base.backbone, train, test, ft, seed=cfg.seed, device=device)
+    return out
