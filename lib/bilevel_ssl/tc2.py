@@ -41,10 +41,11 @@ the measurements quoted were made on ``mnistm5k`` with Conv-4):
 * **f_v's architecture.**  "We fed the concatenated matrix into a factor extraction network f_v" with "a
   lightweight three-layer MLP" (App. IV): the MLP reads the flattened S ((d+1)·d inputs) and its d·n_f outputs are
   V.  Its cost is in parameters, not compute (8.5M for d = 256 with ``fv_hidden`` = 64; about 30 MFLOP a step).
-  We first tried the lightweight alternative, one MLP R^{d+1} -> R^{n_f} on each column [μ_i; Σ_{:,i}] of S giving
-  row i of V: on Conv-4 features the columns of S are nearly parallel (ReLU features are strongly correlated), so
-  V started with effective rank 7.9 of 256 (flattened: 206), ĥ = f_w(h)Vᵀ was nearly one-dimensional (L_sse = 0
-  after one step) and the scale-invariant projector's gradients blew ψ up in the first step.  f_v reads S scaled
+  The lighter reading, one shared MLP R^{d+1} -> R^{n_f} on each column [μ_i; Σ_{:,i}] of S giving row i of V,
+  does not work on Conv-4 features: their columns of S are nearly parallel (ReLU features are strongly
+  correlated), so V starts with effective rank 7.9 of 256 (flattened: 206), ĥ = f_w(h)Vᵀ is nearly
+  one-dimensional (L_sse = 0 after one step) and the scale-invariant projector's gradients blow ψ up in the first
+  step.  f_v reads S scaled
   to unit Frobenius norm (see :class:`FactorNet`: with one input per batch the raw S makes the first layer's
   effective step size α‖S‖²).
 * **Statistics.**  S uses the batch mean and the unbiased (N − 1) covariance of all views of all images of the
@@ -80,7 +81,7 @@ the measurements quoted were made on ``mnistm5k`` with Conv-4):
   (Eq. 6); β₂ is the trainer's optimizer and schedule (Eq. 7).  f_v and f_w are updated *inside*
   :meth:`TC2.compute_grads` by plain gradient descent with ``tc_lr`` (the form of Eq. 5), before stage 2, so that
   stage 2 uses the updated f_v, f_w as Algorithm 1 orders it (line 4 before line 5).  They are therefore not in
-  :meth:`TC2.parameters` (the trainer's optimizer never sees them); :meth:`TC2.tc_parameters` lists them.
+  :meth:`TC2.parameters` (the trainer's optimizer never sees them); :meth:`TC2.meta_parameters` lists them.
 * **Bi-level form of Eq. 5.**  "f_v ← f′_v − α₃∇_{f′_v} L̄^q" read literally is a support step followed by a query
   step.  We implement it, like Eq. 7 (which writes ∇_{f_θ}), as the meta-gradient of L̄^q(ψ′(ψ)) w.r.t. the
   initial ψ (the paper calls both stages bi-level); the engine ``first_order`` gives ∇_{ψ′}L̄^q applied to ψ.
@@ -103,13 +104,13 @@ the measurements quoted were made on ``mnistm5k`` with Conv-4):
 * **Ablations** (Table 12, ``variant``): ``no_lv`` / ``no_lw`` / ``no_lv_lw`` drop L_v / L_w / both from
   L_tc² in both stage-1 losses; ``no_bilevel`` evaluates the same support and query losses at the *same*
   parameters and descends their sum (stage 1: ψ ← ψ − α₃∇(L̄^s + L̄^q); stage 2: ∇_θ mean_k(L_ssl^s + L_sse^q)),
-  the one-stage convention of GeSSL's ``joint`` variant.
+  the one-stage convention of GeSSL's ``joint`` variant (both are :class:`bilevel_ssl.bilevel.Joint`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from itertools import combinations
 
 import torch
@@ -119,8 +120,9 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.profiler import record_function
 
-from .hypergrad import ENGINES, make_engine, set_grads
-from .meta import SingleLevel, SSLNet
+from .bilevel import BiLevelMethod, MetaArgs, allowed_n_tasks, take
+from .hypergrad import set_grads
+from .meta import SSLNet
 from .objectives import Objective, Outputs
 
 __all__ = [
@@ -147,7 +149,6 @@ __all__ = [
 VARIANTS = ("full", "no_lv", "no_lw", "no_lv_lw", "no_bilevel")
 QUERY_LOSSES = ("sse", "ssl")
 REDUCTIONS = ("mean", "sum")
-ENGINES_SUPPORTED = tuple(e for e in ENGINES if e != "momentum_proxy")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ ENGINES_SUPPORTED = tuple(e for e in ENGINES if e != "momentum_proxy")
 
 
 @dataclass
-class TC2Config:
+class TC2Config(MetaArgs):
     """TC²'s options (``meta_args`` of a TrainConfig).  Paper values where the paper gives one, else ours.
 
     * ``n_tasks`` n_t = K = 4 - App. IV ("we construct four self-supervised tasks"), Table 13.
@@ -192,6 +193,7 @@ class TC2Config:
     reduction: str = "mean"
     sse_normalize: bool = True
 
+    method = "tc2"
     _INTS = {"n_tasks": 1, "n_views": 2, "n_support": 1, "n_f": 0, "inner_steps": 1, "fv_hidden": 1, "fw_hidden": 1}
     _POSITIVE = ("inner_lr", "tc_inner_lr", "tc_lr")
     _CHOICES = {"variant": VARIANTS, "query_loss": QUERY_LOSSES, "reduction": REDUCTIONS}
@@ -227,17 +229,6 @@ class TC2Config:
                              f"needs >= 2 views per image; n_views - n_support = {n_query}; allowed n_views for "
                              f"n_support={self.n_support}: >= {self.n_support + 2}")
 
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_meta_args(cls, meta_args: dict) -> "TC2Config":
-        unknown = sorted(set(meta_args) - set(cls.keys()))
-        if unknown:
-            raise ValueError(f"meta_args: unknown tc2 option(s) {unknown}; allowed: {', '.join(cls.keys())}")
-        return cls(**meta_args)
-
     def factors(self, d: int) -> int:
         """n_f for representations of dimension d (``n_f = 0`` means d)."""
         return d if self.n_f == 0 else self.n_f
@@ -253,11 +244,6 @@ class TC2Config:
 
 # --------------------------------------------------------------------------------------------------------------------
 # tasks (§Task Construction)
-
-
-def allowed_n_tasks(batch_size: int) -> list[int]:
-    """Task counts that split ``batch_size`` images into equal tasks of >= 2 images."""
-    return [k for k in range(1, batch_size // 2 + 1) if batch_size % k == 0]
 
 
 def make_tasks(batch_size: int, n_tasks: int) -> Tensor:
@@ -426,15 +412,11 @@ def _views(out: dict[str, Tensor], n: int) -> Outputs:
     return [{k: parts[k][i] for k in parts} for i in range(n)]
 
 
-def _take(outs: Outputs | None, sl) -> Outputs | None:
-    return None if outs is None else [{k: t[sl] for k, t in o.items()} for o in outs]
-
-
 def _finite(xs) -> bool:
     return all(bool(torch.isfinite(x).all()) for x in xs)
 
 
-class TC2(SingleLevel):
+class TC2(BiLevelMethod):
     """TC²'s two-stage bi-level step around any two-view base objective (``meta: tc2`` in a TrainConfig).
 
     One step on a batch of B images with m views each (the trainer makes ``n_views = m``):
@@ -453,19 +435,16 @@ class TC2(SingleLevel):
     """
 
     name = "tc2"
+    options = TC2Config
+    one_stage_variant = "no_bilevel"
+    unsupported_engines = {"momentum_proxy": "momentum_proxy keeps one EMA copy of its parameters between calls; TC² "
+                                             "calls the engine for f_v/f_w and for every task"}
+    trainer_updates = False  # ψ = f_v, f_w: updated inside the step (stage 1)
+    code_modules = ("tc2",)
 
     @classmethod
-    def check_config(cls, cfg) -> None:
-        opts = TC2Config.from_meta_args(dict(cfg.meta_args))
+    def _check(cls, cfg, opts: TC2Config) -> None:
         make_tasks(cfg.batch_size, opts.n_tasks)
-        if cfg.hypergrad not in ENGINES_SUPPORTED:
-            raise ValueError(f"hypergrad: tc2 does not support {cfg.hypergrad!r} (momentum_proxy keeps one EMA copy "
-                             f"of its parameters between calls; TC² calls the engine for f_v/f_w and for every task); "
-                             f"allowed: {', '.join(ENGINES_SUPPORTED)}")
-        try:
-            make_engine(cfg.hypergrad, **cfg.hypergrad_args)
-        except ValueError as err:
-            raise ValueError(f"hypergrad_args: {err}") from None
         from .objectives import OBJECTIVES, objective_class
 
         two_view = [o for o in OBJECTIVES if objective_class(o).n_views == 2]
@@ -475,53 +454,24 @@ class TC2(SingleLevel):
                              f"not implemented); allowed: {', '.join(two_view)}")
 
     def __init__(self, objective: Objective, net: SSLNet, cfg):
-        super().__init__(objective, net)
-        self.cfg = TC2Config.from_meta_args(dict(cfg.meta_args))
-        self.engine = make_engine(cfg.hypergrad, **cfg.hypergrad_args)
+        super().__init__(objective, net, cfg)
         d = net.backbone.feature_dim
         self.d, self.n_f = d, self.cfg.factors(d)
-        self.f_v = FactorNet(d, self.n_f, self.cfg.fv_hidden)
-        self.f_w = WeightNet(d, self.n_f, self.cfg.fw_hidden)
+        self.own("f_v", FactorNet(d, self.n_f, self.cfg.fv_hidden))
+        self.own("f_w", WeightNet(d, self.n_f, self.cfg.fw_hidden))
         self._wrap = _Calibrated(net, self.f_w)
         self._twrap = _Calibrated(self.teacher.net, self.f_w) if self.teacher is not None else None
-        self._net_names = [n for n, _ in net.named_parameters()]
-        self._fv_names = [n for n, _ in self.f_v.named_parameters()]
-        self._fw_names = [n for n, _ in self.f_w.named_parameters()]
 
-    # ----------------------------------------------------------------------------------------------- plumbing
     @property
     def n_views(self) -> int:
         return self.cfg.n_views
-
-    def tc_parameters(self) -> list[nn.Parameter]:
-        """ψ = the parameters of f_v and f_w (updated inside :meth:`compute_grads`, not by the trainer)."""
-        return [*self.f_v.parameters(), *self.f_w.parameters()]
-
-    def to(self, device) -> "TC2":
-        super().to(device)
-        self.f_v.to(device)
-        self.f_w.to(device)
-        return self
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["f_v"], state["f_w"] = self.f_v.state_dict(), self.f_w.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.f_v.load_state_dict(state["f_v"])
-        self.f_w.load_state_dict(state["f_w"])
-
-    def _buffers(self, net: nn.Module) -> dict[str, Tensor]:
-        return {f"net.{k}": b.clone() for k, b in net.named_buffers()}
 
     def _pairs(self, outs: Outputs, t_outs: Outputs | None, tasks: Tensor) -> Tensor:
         """mean over tasks of (mean over the view pairs of the two-view objective on that task's images)."""
         losses = []
         for idx in tasks:
             sl = slice(int(idx[0]), int(idx[-1]) + 1)
-            o, t = _take(outs, sl), _take(t_outs, sl)
+            o, t = take(outs, sl), take(t_outs, sl)
             for a, b in combinations(range(len(o)), 2):
                 losses.append(self.objective.loss([o[a], o[b]], None if t is None else [t[a], t[b]]))
         return torch.stack(losses).mean()
@@ -555,14 +505,14 @@ class TC2(SingleLevel):
     def _stage1_losses(self, net: SSLNet, h_sup: list[Tensor], h_que: list[Tensor], s: Tensor,
                        t_sup: Outputs | None, t_que: Outputs | None, tasks: Tensor):
         """L̄^s(ψ) (Eq. 4) and L̄^q(ψ) (Eq. 5) as closures over ψ = f_v + f_w parameters; θ fixed (detached)."""
-        n_fv = len(self._fv_names)
-        fixed = {f"net.{n}": p.detach() for n, p in net.named_parameters()}
+        theta0 = [p.detach() for _, p in net.named_parameters()]
         z_all = torch.cat(h_sup + h_que)
         stash: dict = {}
 
         def run(psi, hs, heads):
-            v = functional_call(self.f_v, dict(zip(self._fv_names, psi[:n_fv])), (s,))
-            tensors = {**fixed, **self._buffers(net), **{f"f_w.{n}": t for n, t in zip(self._fw_names, psi[n_fv:])}}
+            v = self._call("f_v", psi, s)
+            fw = {f"f_w.{n}": t for n, t in self._split(psi)["f_w"].items()}
+            tensors = {**self._net_tensors(net, theta0, prefix="net."), **fw}
             out = functional_call(self._wrap, tensors, (torch.cat(hs), v), {"from_features": True, "heads": heads})
             return v, _views(out, len(hs))
 
@@ -597,7 +547,7 @@ class TC2(SingleLevel):
         stash: dict = {}
 
         def run(theta, xs, heads):
-            tensors = {**dict(zip((f"net.{n}" for n in self._net_names), theta)), **self._buffers(net), **fw}
+            tensors = {**self._net_tensors(net, theta, prefix="net."), **fw}
             return _views(functional_call(self._wrap, tensors, (torch.cat(xs), v), {"heads": heads}), len(xs))
 
         def support_loss(theta, _phi):
@@ -614,13 +564,6 @@ class TC2(SingleLevel):
         return support_loss, query_loss, stash
 
     # ---------------------------------------------------------------------------------------------- the step
-    def compute_grads(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
-        # Second derivatives through attention need the math kernel (ViT backbones), as in GeSSL.
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(SDPBackend.MATH):
-            return self._compute_grads(net, views)
-
     def _reduce_across_ranks(self, psi: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """torchrun: the mean of ψ's stage-1 gradient over ranks, so that every rank applies the same f_v, f_w
         update (the trainer all-reduces only the optimizer's parameters).  Done before the finiteness check: a
@@ -644,7 +587,7 @@ class TC2(SingleLevel):
             return None
         return _views(self._twrap(h_t, self.f_v(s_t), from_features=True), m)
 
-    def _compute_grads(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
+    def _step(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
         c, m, ms = self.cfg, len(views), self.cfg.n_support
         if m != c.n_views:
             raise ValueError(f"tc2: expected {c.n_views} views per image (meta_args.n_views), got {m}")
@@ -667,24 +610,16 @@ class TC2(SingleLevel):
 
         # 1. stage 1: f_v, f_w
         with record_function("tc2.stage1_psi"):
-            psi = self.tc_parameters()
+            psi = self.meta_parameters()
             t_sup, t_que = (None, None) if teacher_old is None else (teacher_old[:ms], teacher_old[ms:])
             sup1, que1, stash1 = self._stage1_losses(net, hs[:ms], hs[ms:], s, t_sup, t_que, tasks)
-            if c.variant == "no_bilevel":
-                leaves = [p.detach().requires_grad_(True) for p in psi]
-                q = que1(leaves, [])
-                total = sup1(leaves, []) + q
-                psi_grads = list(torch.autograd.grad(total, leaves, allow_unused=True))
-                psi_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(psi, psi_grads)]
-                tc_query = float(q.detach())
-            else:
-                hg = self.engine(sup1, que1, psi, [], inner_lr=c.tc_inner_lr, inner_steps=c.inner_steps)
-                psi_grads, tc_query = hg.theta_grads, hg.logs["outer_loss"]
+            hg = self._hypergradient(sup1, que1, psi, [], inner_lr=c.tc_inner_lr, inner_steps=c.inner_steps)
+            psi_grads, tc_query = hg.theta_grads, hg.logs["outer_loss"]
             if self.dist is not None:
                 psi_grads = self._reduce_across_ranks(psi, psi_grads)
             logs = {"tc_support": stash1.get("tc_ssl", float("nan")), "tc_query": tc_query,
                     **{k: stash1[k] for k in ("l_v", "l_w", "orth", "l1") if k in stash1},
-                    "psi_grad_norm": float(torch.sqrt(sum((g.detach().double() ** 2).sum() for g in psi_grads)))}
+                    "psi_grad_norm": self._grad_norm(psi_grads)}
             if not (_finite(psi_grads) and all(math.isfinite(x) for x in logs.values())):
                 logs["loss"] = float("nan")  # the trainer stops before any update; ψ is left as it was
                 return logs
@@ -702,24 +637,17 @@ class TC2(SingleLevel):
             inner_ssl, outer = [], []
             for idx in tasks:
                 sl = slice(int(idx[0]), int(idx[-1]) + 1)
-                t_k = _take(teacher_new, sl)
+                t_k = take(teacher_new, sl)
                 sup2, que2, stash2 = self._stage2_losses(
                     net, [x[sl] for x in views[:ms]], [x[sl] for x in views[ms:]], v_new,
                     None if t_k is None else t_k[:ms], None if t_k is None else t_k[ms:])
-                if c.variant == "no_bilevel":
-                    leaves = [p.detach().requires_grad_(True) for p in theta]
-                    q = que2(leaves, [])
-                    g_k = torch.autograd.grad(sup2(leaves, []) + q, leaves, allow_unused=True)
-                    g_k = [torch.zeros_like(p) if g is None else g for p, g in zip(theta, g_k)]
-                    outer.append(float(q.detach()))
-                else:
-                    hg = self.engine(sup2, que2, theta, [], inner_lr=c.inner_lr, inner_steps=c.inner_steps)
-                    g_k = hg.theta_grads
-                    outer.append(hg.logs["outer_loss"])
+                hg = self._hypergradient(sup2, que2, theta, [], inner_lr=c.inner_lr, inner_steps=c.inner_steps)
+                g_k = hg.theta_grads
+                outer.append(hg.logs["outer_loss"])
                 inner_ssl.append(stash2.get("inner_ssl", float("nan")))
                 for acc, g in zip(grads, g_k):
                     acc.add_(g.detach(), alpha=1.0 / len(tasks))
             set_grads(theta, grads)
         logs.update(loss=sum(outer) / len(outer), inner_ssl=sum(inner_ssl) / len(inner_ssl))
-        self._last = ([{k: t.detach() for k, t in o.items()} for o in student0], teacher_old)
+        self._remember(student0, teacher_old)
         return logs
