@@ -24,7 +24,7 @@ from .hypergrad import HyperGrad, _Engine, _grad, _leaves, make_engine
 from .meta import FunctionalNet, SingleLevel, SSLNet
 from .objectives import Objective, Outputs
 
-__all__ = ["MetaArgs", "allowed_n_tasks", "take", "Joint", "BiLevelMethod"]
+__all__ = ["MetaArgs", "Joint", "BiLevelMethod"]
 
 
 class MetaArgs:
@@ -43,17 +43,6 @@ class MetaArgs:
         if unknown:
             raise ValueError(f"meta_args: unknown {cls.method} option(s) {unknown}; allowed: {', '.join(cls.keys())}")
         return cls(**meta_args)
-
-
-def allowed_n_tasks(batch_size: int) -> list[int]:
-    """Task counts that split ``batch_size`` images into equal tasks of >= 2 images (an SSL loss needs another
-    image of its task for negatives or batch statistics)."""
-    return [k for k in range(1, batch_size // 2 + 1) if batch_size % k == 0]
-
-
-def take(outs: Outputs | None, idx) -> Outputs | None:
-    """The rows ``idx`` of every view's outputs (None stays None: no teacher)."""
-    return None if outs is None else [{k: t[idx] for k, t in o.items()} for o in outs]
 
 
 class Joint(_Engine):

@@ -55,9 +55,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bilevel import BiLevelMethod, MetaArgs, allowed_n_tasks, take
+from .bilevel import BiLevelMethod, MetaArgs
 from .hypergrad import set_grads
-from .meta import SSLNet
+from .meta import SSLNet, check_n_tasks, take
 from .objectives import Objective, Outputs
 
 __all__ = [
@@ -174,20 +174,11 @@ def make_tasks(n_images: int, m: int, generator: torch.Generator | None = None) 
     with one, the images are dealt to tasks in a random order.  Each task needs n >= 2 pairs (an SSL loss needs
     another pair for negatives/variance; L_disc's set {u_j − v_i}_j would hold one vector).
 
-    Raises ValueError naming ``m``, the batch size and the allowed values of m if m does not divide the batch.
+    Raises ValueError naming ``m``, the batch size and the allowed values of m (:func:`bilevel_ssl.meta.check_n_tasks`).
     """
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
         raise ValueError(f"gessl: the batch size must be an integer >= 1, got {n_images!r}")
-    allowed = allowed_n_tasks(n_images)
-    if isinstance(m, bool) or not isinstance(m, int) or m not in allowed:
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            why = f"m must be an integer >= 1, got {m!r}"
-        elif n_images % m:
-            why = f"m={m} does not divide the batch size {n_images}"
-        else:
-            why = f"m={m} leaves {n_images // m} pair per task for batch size {n_images} (need >= 2)"
-        raise ValueError(f"gessl: {why}; allowed m for batch size {n_images} (divisors leaving >= 2 pairs per task): "
-                         f"{', '.join(map(str, allowed)) or 'none'}")
+    check_n_tasks(n_images, m, key="m")
     if generator is None:
         return torch.arange(n_images).view(m, n_images // m)
     return torch.randperm(n_images, generator=generator).view(m, n_images // m)
@@ -426,10 +417,7 @@ class GeSSL(BiLevelMethod):
 
     @classmethod
     def _check(cls, cfg, opts: GeSSLConfig) -> None:
-        try:  # the batch must split into m tasks of >= 2 pairs; the error lists the valid m
-            make_tasks(cfg.batch_size, opts.m)
-        except ValueError as err:
-            raise ValueError(f"meta_args.m / batch_size: {err}") from None
+        check_n_tasks(cfg.batch_size, opts.m, key="meta_args.m / batch_size")  # tasks of >= 2 pairs
         from .objectives import objective_class
 
         if objective_class(cfg.objective).n_views not in (1, 2):

@@ -85,10 +85,6 @@ def _grad(loss: Tensor, inputs: Sequence[Tensor], *, create_graph: bool = False,
     return [torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs)]
 
 
-def _dot(a: Params, b: Params) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))
-
-
 def _norm(a: Params) -> Tensor:
     return torch.sqrt(sum((x.detach() * x.detach()).sum() for x in a))
 

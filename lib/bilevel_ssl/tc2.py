@@ -120,9 +120,9 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.profiler import record_function
 
-from .bilevel import BiLevelMethod, MetaArgs, allowed_n_tasks, take
+from .bilevel import BiLevelMethod, MetaArgs
 from .hypergrad import set_grads
-from .meta import SSLNet
+from .meta import SSLNet, allowed_n_tasks, check_n_tasks, take
 from .objectives import Objective, Outputs
 
 __all__ = [
@@ -249,10 +249,7 @@ class TC2Config(MetaArgs):
 def make_tasks(batch_size: int, n_tasks: int) -> Tensor:
     """``(K, n)`` image indices of the K = ``n_tasks`` tasks: row k = task k, contiguous (the trainer already
     shuffles the batch).  Every task needs n >= 2 images (negatives / batch statistics of an SSL loss)."""
-    allowed = allowed_n_tasks(batch_size)
-    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks not in allowed:
-        raise ValueError(f"meta_args.n_tasks: {n_tasks!r} does not split batch_size {batch_size} into equal tasks of "
-                         f">= 2 images; allowed: {', '.join(map(str, allowed)) or 'none'}")
+    check_n_tasks(batch_size, n_tasks, key="meta_args.n_tasks")
     return torch.arange(batch_size).view(n_tasks, batch_size // n_tasks)
 
 
