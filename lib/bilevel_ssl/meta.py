@@ -161,6 +161,9 @@ class SingleLevel:
     objective's loss, then backward."""
 
     name = "none"
+    # package modules this method's results depend on beyond the shared training code (the encoder cache's code
+    # fingerprint, bilevel_ssl.cache, reads them along the class hierarchy)
+    code_modules: tuple[str, ...] = ()
 
     def __init__(self, objective: Objective, net: SSLNet, cfg=None):
         self.objective = objective
@@ -236,8 +239,8 @@ class SingleLevel:
         return self
 
 
-# name -> "module:Class", resolved on use (the bi-level methods import the hypergradient engines).  A method's
-# own module enters the encoder cache's code fingerprint only for runs of that method (bilevel_ssl.cache).
+# name -> "module:Class", resolved on use (the bi-level methods import the hypergradient engines).  The modules a
+# method declares (``code_modules``) enter the encoder cache's code fingerprint only for its runs (bilevel_ssl.cache).
 _REGISTRY = {"none": "meta:SingleLevel", "gessl": "gessl:GeSSL", "multitask": "multitask:MultiTask",
              "tc2": "tc2:TC2", "mcr": "mcr:MCR"}
 META_METHODS = tuple(_REGISTRY)
