@@ -64,7 +64,11 @@ class SSLNet(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         h = self.backbone(x)
-        out = {"h": h, "z": self.heads["projector"](h)}
+        return {"h": h, **self.head_outputs(h)}
+
+    def head_outputs(self, h: Tensor) -> dict[str, Tensor]:
+        """The heads on features ``h`` (TC² runs them on calibrated features): ``z``, and ``p``, ``s`` if present."""
+        out = {"z": self.heads["projector"](h)}
         if "predictor" in self.heads:
             out["p"] = self.heads["predictor"](out["z"])
         if "prototypes" in self.heads:
