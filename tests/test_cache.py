@@ -104,7 +104,8 @@ def test_fingerprint_covers_only_the_meta_method_in_use(monkeypatch):
         for marker, changed in ((b"class GeSSL(", {"gessl"}), (b"class BiLevelMethod(", {"gessl", "tc2", "mcr"}),
                                 (b"def task_gradients(", {"multitask"}), (b"class SingleLevel:", set(META_METHODS))):
             code_fingerprint.cache_clear()
-            monkeypatch.setattr(cache, "_code_digest", lambda b, marker=marker: real(b) + (b"x" if marker in b else b""))
+            monkeypatch.setattr(cache, "_code_digest",
+                                lambda b, marker=marker: real(b) + (b"x" if marker in b else b""))
             after = {m: code_fingerprint(m) for m in META_METHODS}
             assert {m for m in META_METHODS if after[m] != before[m]} == changed, marker
     finally:

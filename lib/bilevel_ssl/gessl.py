@@ -90,7 +90,8 @@ VARIANTS = ("bilevel", "joint", "per_task")
 
 @dataclass
 class GeSSLConfig(MetaArgs):
-    """GeSSL's hyper-parameters (``meta_args`` of ``meta: gessl``).  Paper defaults where the paper gives one; the rest are ours (marked).
+    """GeSSL's hyper-parameters (``meta_args`` of ``meta: gessl``).  Paper defaults where the paper gives one; the
+    rest are ours (marked).
 
     * ``mu`` μ = 0.7, ``k`` = 30 - §5.2, Fig. 3-4.
     * ``m`` = 8 tasks per step - App. G.3.
@@ -174,7 +175,8 @@ def make_tasks(n_images: int, m: int, generator: torch.Generator | None = None) 
     with one, the images are dealt to tasks in a random order.  Each task needs n >= 2 pairs (an SSL loss needs
     another pair for negatives/variance; L_disc's set {u_j − v_i}_j would hold one vector).
 
-    Raises ValueError naming ``m``, the batch size and the allowed values of m (:func:`bilevel_ssl.meta.check_n_tasks`).
+    Raises ValueError naming ``m``, the batch size and the allowed values of m
+    (:func:`bilevel_ssl.meta.check_n_tasks`).
     """
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
         raise ValueError(f"gessl: the batch size must be an integer >= 1, got {n_images!r}")
@@ -404,13 +406,13 @@ class GeSSL(BiLevelMethod):
     * ``bilevel`` (default) - the above: one f' adapted on the support sets of all tasks together (Eq. 4 sums
       over l inside one gradient step).
     * ``joint`` - one-stage: minimise inner_loss(θ, φ) + outer_loss(θ, φ) at θ itself, no adaptation, ordinary
-      backward (g then gets ∇_φ of μ·L_disc directly, which only lowers thresholds - see the module docstring).
+      backward (:class:`bilevel_ssl.bilevel.Joint`; g then gets ∇_φ of μ·L_disc directly, which only lowers
+      thresholds - see the module docstring).
     * ``per_task`` - a separate f'_l per task: θ'_l adapted on S_l alone, outer loss on Q_l with θ'_l, meta-
       gradients averaged over tasks (m engine calls on n pairs each).
     """
 
     name = "gessl"
-
     options = GeSSLConfig
     one_stage_variant = "joint"
     code_modules = ("gessl",)
@@ -509,7 +511,8 @@ class GeSSL(BiLevelMethod):
             stashes.append((stash, hg.logs))
         query = [{k: torch.cat([s["query"][v][k] for s, _ in stashes]) for k in stashes[0][0]["query"][v]}
                  for v in range(len(stashes[0][0]["query"]))]
-        logs = {key: sum(s.get(key, float("nan")) for s, _ in stashes) / m for key in ("inner_ssl", "disc", "threshold")}
+        logs = {key: sum(s.get(key, float("nan")) for s, _ in stashes) / m
+                for key in ("inner_ssl", "disc", "threshold")}
         logs["loss"] = sum(h["outer_loss"] for _, h in stashes) / m
         return grads_t, grads_p, query, logs
 
