@@ -20,7 +20,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.func import functional_call
 
-from .hypergrad import HyperGrad, _Engine, _grad, _leaves, make_engine
+from .hessian import _grad, _leaves
+from .hypergrad import ENGINES, HyperGrad, _Engine, make_engine
 from .meta import FunctionalNet, SingleLevel, SSLNet
 from .objectives import Objective, Outputs
 
@@ -86,8 +87,6 @@ class BiLevelMethod(SingleLevel):
         opts = cls.options.from_meta_args(dict(cfg.meta_args))
         cls._check(cfg, opts)
         if cfg.hypergrad in cls.unsupported_engines:
-            from .hypergrad import ENGINES
-
             allowed = [e for e in ENGINES if e not in cls.unsupported_engines]
             raise ValueError(f"hypergrad: {cls.name} does not support {cfg.hypergrad!r} "
                              f"({cls.unsupported_engines[cfg.hypergrad]}); allowed: {', '.join(allowed)}")
