@@ -53,7 +53,7 @@ def test_key_holds_code_and_torch_version(tiny):
     key = cache_key(cfg(), tiny)
     assert key["code"] == code_fingerprint() and len(key["code"]) == 64
     assert key["torch"] == torch.__version__
-    assert {"trainer.py", "gessl.py", "hypergrad.py", "meta.py"}.isdisjoint(NEUTRAL_MODULES)
+    assert {"trainer", "gessl", "hypergrad", "meta", "objectives"}.isdisjoint(NEUTRAL_MODULES)
 
 
 def test_force_retrains(tiny, tmp_path):
@@ -92,18 +92,22 @@ def test_fingerprint_ignores_docstrings_and_comments_but_not_code():
 
 def test_fingerprint_covers_only_the_meta_method_in_use(monkeypatch):
     from bilevel_ssl import cache
+    from bilevel_ssl.meta import META_METHODS
 
-    modules = cache._method_modules()
-    assert modules["gessl"] == "gessl.py" and "none" not in modules
+    assert cache.method_modules("gessl") == {"gessl", "bilevel"} and cache.method_modules("none") == frozenset()
+    assert cache.method_modules("multitask") == {"multitask", "conflict"}  # a neutral module a method declares
     code_fingerprint.cache_clear()
     try:
         real = cache._code_digest
-        # pretend gessl.py changed: runs of other methods keep their key, gessl runs get a new one
-        before = {m: code_fingerprint(m) for m in ("none", "gessl")}
-        code_fingerprint.cache_clear()
-        monkeypatch.setattr(cache, "_code_digest", lambda b: real(b) + (b"x" if b"class GeSSL(" in b else b""))
-        after = {m: code_fingerprint(m) for m in ("none", "gessl")}
-        assert after["none"] == before["none"] and after["gessl"] != before["gessl"]
+        before = {m: code_fingerprint(m) for m in META_METHODS}
+        # pretend a module changed: runs of the methods that declare it get a new key, the others keep theirs
+        for marker, changed in ((b"class GeSSL(", {"gessl"}), (b"class BiLevelMethod(", {"gessl", "tc2", "mcr"}),
+                                (b"def task_gradients(", {"multitask"}), (b"class SingleLevel:", set(META_METHODS))):
+            code_fingerprint.cache_clear()
+            monkeypatch.setattr(cache, "_code_digest",
+                                lambda b, marker=marker: real(b) + (b"x" if marker in b else b""))
+            after = {m: code_fingerprint(m) for m in META_METHODS}
+            assert {m for m in META_METHODS if after[m] != before[m]} == changed, marker
     finally:
         code_fingerprint.cache_clear()
 

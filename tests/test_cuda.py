@@ -18,43 +18,32 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bilevel_ssl.augment import make_views
-from bilevel_ssl.bench import _setup, cases
+from bilevel_ssl.bench import cases
 from bilevel_ssl.config import TrainConfig
 from bilevel_ssl.data import ImageSet
 from bilevel_ssl.evaluate import extract_features
 from bilevel_ssl.trainer import train
+from float64_step import build64, grads, step64, views64
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 BATCH = 128  # GeSSL: 8 tasks of 16 images; TC²/multi-task: their default task counts divide it
 
 
-def _grads(net, meta) -> torch.Tensor:
-    ps = [*net.parameters(), *meta.parameters()]
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().cpu() for p in ps])
-
-
 @pytest.mark.parametrize("name", sorted(cases()))
 def test_cuda_gradients_match_cpu_in_float64(name):
     overrides = cases()[name]
-    cfg, _, net_c, meta_c, _ = _setup(overrides, BATCH, "cpu", 3, 28)
-    _, dev, net_g, meta_g, _ = _setup(overrides, BATCH, "cuda", 3, 28)
+    cfg, _, net_c, meta_c = build64(overrides, BATCH, "cpu")
+    _, dev, net_g, meta_g = build64(overrides, BATCH, "cuda")
     assert dev.type == "cuda"
     assert all(p.device.type == "cuda" for p in [*net_g.parameters(), *meta_g.parameters()])
     # the same initial weights on both devices (build_net seeds torch)
     torch.testing.assert_close(torch.cat([p.detach().flatten().cpu() for p in net_g.parameters()]),
                                torch.cat([p.detach().flatten() for p in net_c.parameters()]), rtol=0, atol=0)
-    for m in (net_c, meta_c, net_g, meta_g):
-        m.to(torch.float64)  # the meta-methods' .to moves their own networks (g, f_v/f_w, CompMod, teachers)
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randint(0, 256, (BATCH, 3, 28, 28), generator=gen, dtype=torch.uint8).double().div(255)
-    views = make_views(x, meta_c.n_views, cfg.augmentation(), gen)
-    torch.manual_seed(11)
-    logs_c = meta_c.compute_grads(net_c, [v.clone() for v in views])
-    torch.manual_seed(11)
-    logs_g = meta_g.compute_grads(net_g, [v.to(dev) for v in views])
-    g_c, g_g = _grads(net_c, meta_c), _grads(net_g, meta_g)
+    views = views64(cfg, meta_c, BATCH)
+    logs_c = step64(net_c, meta_c, [v.clone() for v in views], "cpu")
+    logs_g = step64(net_g, meta_g, views, dev)
+    g_c, g_g = grads(net_c, meta_c), grads(net_g, meta_g)
     assert torch.isfinite(g_g).all(), f"{name}: non-finite gradient on CUDA"
     assert g_c.norm() > 0, f"{name}: zero gradient - the comparison would be vacuous"
     rel = float((g_g - g_c).norm() / g_c.norm())

@@ -13,9 +13,7 @@ from bilevel_ssl.gessl import (
     cosine_distance_matrix,
     disc_loss,
     disc_loss_hard,
-    discriminative_loss,
     make_tasks,
-    split_tasks,
 )
 
 
@@ -69,30 +67,6 @@ def test_make_tasks_rejects_bad_m(m):
         make_tasks(32, m)
     msg = str(err.value)
     assert "m" in msg and "32" in msg and "1, 2, 4, 8, 16" in msg
-
-
-def test_split_tasks_support_and_query():
-    b, m = 12, 3
-    ids = torch.arange(b, dtype=torch.float64).view(b, 1, 1).expand(b, 2, 2)  # fake images carrying their index
-    x1, x2, anchor = ids + 1000, ids + 2000, ids + 3000
-    for tasks in (m, make_tasks(b, m, generator=torch.Generator().manual_seed(1))):
-        split = split_tasks(x1, x2, anchor, tasks)
-        assert split.m == m and split.n == 4
-        (s_x, s_a), (q_x, q_a) = split.support, split.query
-        assert s_x.shape == q_x.shape == s_a.shape == (m, 4, 2, 2)
-        assert torch.equal(s_a, q_a)  # support and query pairs share their anchors
-        # pairs stay pairs: the same image index in the same slot of x1, x2 and anchor
-        assert torch.equal(s_x - 1000, q_x - 2000) and torch.equal(s_x - 1000, s_a - 3000)
-        # disjoint: the support holds only x1 views, the query only x2 views
-        assert set(s_x.flatten().tolist()).isdisjoint(q_x.flatten().tolist())
-        assert ((s_x >= 1000) & (s_x < 2000)).all() and ((q_x >= 2000) & (q_x < 3000)).all()
-        # together the tasks cover every image once
-        assert sorted((s_x[:, :, 0, 0] - 1000).flatten().long().tolist()) == list(range(b))
-    assert torch.equal(split_tasks(x1, x2, anchor, m).x1, x1.view(m, 4, 2, 2))  # contiguous split = reshape
-    with pytest.raises(ValueError, match="m=5 does not divide the batch size 12"):
-        split_tasks(x1, x2, anchor, 5)
-    with pytest.raises(ValueError, match="same batch size"):
-        split_tasks(x1, x2[:6], anchor, 2)
 
 
 # ---------------------------------------------------------------- distances
@@ -246,19 +220,20 @@ def test_threshold_net_initial_threshold_is_mean_distance(stats):
 @pytest.mark.parametrize("stats", ["meanvar", "meancov"])
 def test_gradients_reach_threshold_net(stats):
     torch.manual_seed(0)
-    g = ThresholdNet(8, stats=stats, hidden=16, cov_rank=4).double()
+    g = ThresholdNet(8, stats=stats, hidden=16, cov_rank=4, detach_input=True).double()
     u, v = _randn(2, 6, 8, seed=20).requires_grad_(True), _randn(2, 6, 8, seed=21).requires_grad_(True)
-    loss = discriminative_loss(u, v, g, k=K)
+    loss = disc_loss(cosine_distance_matrix(u, v), g(u, v), k=K)  # L_disc(f, g, S_l) of the m = 2 tasks
     assert loss.shape == (2,)
     loss.sum().backward()
     for name, p in g.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    # the embeddings get gradient through the distances only (g's input is detached by default) ...
+    # the embeddings get gradient through the distances only (g's input is detached with detach_input) ...
     u2, v2 = u.detach().clone().requires_grad_(True), v.detach().clone().requires_grad_(True)
     g(u2, v2).sum().backward()
     assert u2.grad is None and v2.grad is None
-    # ... unless asked for
-    g_through = ThresholdNet(8, stats=stats, hidden=16, cov_rank=4, detach_input=False).double()
+    # ... and through g's statistics too without it (the default, as GeSSL's g_detach: False)
+    g_through = ThresholdNet(8, stats=stats, hidden=16, cov_rank=4).double()
+    assert not g_through.detach_input
     g_through(u2, v2).sum().backward()
     assert u2.grad is not None and u2.grad.abs().sum() > 0
 

@@ -1,6 +1,6 @@
 """MCR: the MEC Taylor series and its convergence guard, L_comp / L_mcr against independent formulas, CompMod per
 fusion, the second-order ξ update of Algorithm 1 against hand-unrolled autograd, variants, config errors,
-determinism, training through the trainer, and the Table 4 augmentation subsets."""
+determinism, training through the trainer, and the Table 4 augmentation subsets (bilevel_ssl.experiments)."""
 
 import math
 import warnings
@@ -13,9 +13,9 @@ from torch.func import functional_call
 
 from bilevel_ssl.augment import PRESETS, augment
 from bilevel_ssl.config import ConfigError, TrainConfig
-from bilevel_ssl.mcr import (MCR, TABLE4_SUBSETS, CompMod, MCRConfig, SeriesDivergenceError,
-                             check_series, comp_loss, compmod_dims, fuse, mcr_loss, series_bound,
-                             series_radius, subset_config, subset_tag, taylor_logdet)
+from bilevel_ssl.experiments import TABLE4_SUBSETS, subset_config, subset_tag
+from bilevel_ssl.mcr import (MCR, CompMod, MCRConfig, SeriesDivergenceError, check_series, comp_loss, compmod_dims,
+                             fuse, mcr_loss, series_bound, series_radius, taylor_logdet)
 from bilevel_ssl.meta import SSLNet
 from bilevel_ssl.objectives import make_objective, nt_xent
 from bilevel_ssl.trainer import CHECKPOINT, build_net, train
@@ -457,7 +457,7 @@ def test_subset_config_switches_ops_on_and_off():
 
 
 def test_subsets_are_augment_args_of_the_training_config(tiny, tmp_path):
-    from bilevel_ssl.mcr import subset_args, train_augment_subset
+    from bilevel_ssl.experiments import subset_args, train_augment_subset
 
     base = PRESETS["mnistm"]
     args = subset_args(["rotate", "jitter"], base)

@@ -264,7 +264,7 @@ def test_two_stage_step_equals_hand_unrolled_eq4_to_eq7(variant, query_loss, red
                                        tc_inner_lr=2 * lr)
     psi_ref, theta_ref = reference_step(net, method, views)
     logs = method.compute_grads(net, views)
-    for got, ref in zip(method.tc_parameters(), psi_ref):
+    for got, ref in zip(method.meta_parameters(), psi_ref):
         torch.testing.assert_close(got.detach(), ref, rtol=1e-9, atol=1e-12)
     for p, ref in zip(net.parameters(), theta_ref):
         torch.testing.assert_close(p.grad, ref, rtol=1e-9, atol=1e-12)
@@ -289,7 +289,7 @@ def test_aid_fd_matches_second_order_on_a_smooth_net():
     for engine, args in (("second_order", {}), ("aid_fd", {"fd_r": 1e-5})):
         _, net, method, views = tiny_setup(hypergrad=engine, hypergrad_args=args)
         method.compute_grads(net, views)
-        grads[engine] = ([p.detach().clone() for p in method.tc_parameters()],
+        grads[engine] = ([p.detach().clone() for p in method.meta_parameters()],
                          [p.grad.clone() for p in net.parameters()])
     for a, b in zip(grads["aid_fd"][0] + grads["aid_fd"][1], grads["second_order"][0] + grads["second_order"][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
@@ -298,11 +298,11 @@ def test_aid_fd_matches_second_order_on_a_smooth_net():
 @pytest.mark.parametrize("engine", ["first_order", "aid_cg", "aid_neumann"])
 def test_other_engines_run_and_give_finite_gradients(engine):
     _, net, method, views = tiny_setup(hypergrad=engine)
-    before = [p.detach().clone() for p in method.tc_parameters()]
+    before = [p.detach().clone() for p in method.meta_parameters()]
     logs = method.compute_grads(net, views)
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
-    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, method.tc_parameters()))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, method.meta_parameters()))
 
 
 def test_lv_gives_f_w_no_gradient_and_lw_reaches_both_networks():
@@ -312,7 +312,7 @@ def test_lv_gives_f_w_no_gradient_and_lw_reaches_both_networks():
     assert all(g is None for g in torch.autograd.grad(total, list(method.f_w.parameters()), allow_unused=True))
     _, _, method2, _ = tiny_setup(variant="no_lv")  # L_tc² = λ_s L_w: Eq. 3 differentiated as one function
     total = method2._tc2(method2.f_v(batch_statistics(z)), method2.f_w(z), z, z, None)
-    grads = torch.autograd.grad(total, method2.tc_parameters())
+    grads = torch.autograd.grad(total, method2.meta_parameters())
     n_fv = len(list(method2.f_v.parameters()))
     assert float(sum(g.abs().sum() for g in grads[:n_fv])) > 0 and float(sum(g.abs().sum() for g in grads[n_fv:])) > 0
 
@@ -342,7 +342,7 @@ def test_determinism_same_seed_same_step():
     for _ in range(2):
         _, net, method, views = tiny_setup()
         logs = method.compute_grads(net, views)
-        results.append((logs, [p.detach().clone() for p in method.tc_parameters()],
+        results.append((logs, [p.detach().clone() for p in method.meta_parameters()],
                         [p.grad.clone() for p in net.parameters()]))
     assert results[0][0] == results[1][0]
     for a, b in zip(results[0][1] + results[0][2], results[1][1] + results[1][2]):
@@ -351,11 +351,11 @@ def test_determinism_same_seed_same_step():
 
 def test_non_finite_stage_one_leaves_f_v_f_w_untouched():
     _, net, method, views = tiny_setup()
-    before = [p.detach().clone() for p in method.tc_parameters()]
+    before = [p.detach().clone() for p in method.meta_parameters()]
     views[0][0, 0, 0, 0] = float("nan")
     logs = method.compute_grads(net, views)
     assert logs["loss"] != logs["loss"]  # NaN: the trainer stops before its optimizer step
-    for a, b in zip(before, method.tc_parameters()):
+    for a, b in zip(before, method.meta_parameters()):
         assert torch.equal(a, b.detach())
 
 
@@ -363,9 +363,9 @@ def test_data_parallel_f_v_f_w_update_uses_the_rank_averaged_gradient(monkeypatc
     import bilevel_ssl.distributed as distributed
 
     _, net, method, views = tiny_setup()
-    start = [p.detach().clone() for p in method.tc_parameters()]
+    start = [p.detach().clone() for p in method.meta_parameters()]
     method.compute_grads(net, views)
-    step_single = [a - p.detach() for a, p in zip(start, method.tc_parameters())]
+    step_single = [a - p.detach() for a, p in zip(start, method.meta_parameters())]
 
     calls = []
 
@@ -379,9 +379,9 @@ def test_data_parallel_f_v_f_w_update_uses_the_rank_averaged_gradient(monkeypatc
     method2.dist = object()
     method2.compute_grads(net2, views2)
     assert calls == ["mean"]
-    for a, p, s in zip(start, method2.tc_parameters(), step_single):
+    for a, p, s in zip(start, method2.meta_parameters(), step_single):
         torch.testing.assert_close(a - p.detach(), 1.5 * s)
-    assert all(p.grad is None for p in method2.tc_parameters())  # ψ never carries .grad for the trainer
+    assert all(p.grad is None for p in method2.meta_parameters())  # ψ never carries .grad for the trainer
 
 
 def test_batchnorm_running_stats_advance_once_per_step():

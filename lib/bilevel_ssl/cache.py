@@ -10,7 +10,10 @@ resumes from its last checkpoint.  The key is a SHA-256 of
 * the training images themselves (bytes and shape: a different split, subset or dataset is a different key);
 * the training code: the syntax tree of every module of the package (comments and docstrings do not count)
   except those that cannot change a trained encoder (:data:`NEUTRAL_MODULES`: evaluators, plots, reports...) and
-  the modules of the *other* meta-methods (a TC² edit does not invalidate GeSSL's encoders), and the torch version;
+  those that only *other* meta-methods declare (each meta-method class names the modules its results depend on
+  beyond the shared training code in ``code_modules``, read along its class hierarchy: a TC² edit does not
+  invalidate GeSSL's encoders, an edit of the bi-level base invalidates all three bi-level methods'), and the
+  torch version;
 * ``tag``: what the caller adds, e.g. the name of per-epoch ``monitors`` whose numbers the cached history must hold.
 
 So a changed parameter, dataset or line of training code invalidates the entry (it is simply not found; old
@@ -37,10 +40,10 @@ from .distributed import world_size_from_env
 from .paths import repo_root
 from .trainer import CHECKPOINT, ENCODER, TrainResult, build_net, train
 
-# modules whose code cannot change what training produces
-NEUTRAL_MODULES = frozenset({"__init__.py", "bench.py", "cache.py", "data.py", "evaluate.py", "paths.py", "plots.py",
-                             "report.py", "reproduce.py", "semisup.py", "universality.py", "index.py",
-                             "experiments.py", "conflict.py", "bissl.py"})
+# modules (dotted names below the package; a package's name covers its submodules) whose code cannot change what
+# training produces - unless a meta-method declares one in its ``code_modules``
+NEUTRAL_MODULES = frozenset({"__init__", "bench", "cache", "data", "evaluate", "paths", "plots", "report",
+                             "reproduce", "semisup", "universality", "index", "experiments", "conflict", "bissl"})
 
 
 def cache_root() -> Path:
@@ -48,11 +51,16 @@ def cache_root() -> Path:
     return repo_root() / "outputs" / "cache"
 
 
-def _method_modules() -> dict[str, str]:
-    """meta-method name -> its module file (``gessl.py``...), from the registry of :mod:`bilevel_ssl.meta`."""
-    from .meta import _REGISTRY
+def method_modules(meta: str) -> frozenset[str]:
+    """The modules meta-method ``meta`` declares (``code_modules`` of its class and of the classes it derives
+    from)."""
+    from .meta import meta_class
 
-    return {name: spec.split(":")[0] + ".py" for name, spec in _REGISTRY.items() if spec.split(":")[0] != "meta"}
+    return frozenset(m for cls in meta_class(meta).__mro__ for m in vars(cls).get("code_modules", ()))
+
+
+def _covers(names, module: str) -> bool:
+    return any(module == n or module.startswith(n + ".") for n in names)
 
 
 def _code_digest(source: bytes) -> bytes:
@@ -69,14 +77,19 @@ def _code_digest(source: bytes) -> bytes:
 @functools.lru_cache(maxsize=None)
 def code_fingerprint(meta: str = "none") -> str:
     """SHA-256 of the package's training code for a run of meta-method ``meta``: the syntax tree (without comments
-    and docstrings) of every ``.py`` below the package, minus :data:`NEUTRAL_MODULES` and the modules of the other
-    meta-methods; read once per process - the code this process runs, even if the files are edited meanwhile."""
+    and docstrings) of every ``.py`` below the package that is neither in :data:`NEUTRAL_MODULES` nor declared only
+    by other meta-methods, plus the modules ``meta`` declares; read once per process - the code this process runs,
+    even if the files are edited meanwhile."""
+    from .meta import META_METHODS
+
     pkg = Path(__file__).resolve().parent
-    others = {f for name, f in _method_modules().items() if name != meta}
+    own = method_modules(meta)
+    declared = frozenset().union(*(method_modules(m) for m in META_METHODS))
     h = hashlib.sha256()
     for path in sorted(pkg.rglob("*.py")):
         rel = path.relative_to(pkg).as_posix()
-        if rel in NEUTRAL_MODULES or rel in others:
+        module = rel[:-len(".py")].replace("/", ".").removesuffix(".__init__") if rel != "__init__.py" else "__init__"
+        if not _covers(own, module) and (_covers(NEUTRAL_MODULES, module) or _covers(declared, module)):
             continue
         h.update(rel.encode() + b"\0" + _code_digest(path.read_bytes()) + b"\0")
     return h.hexdigest()

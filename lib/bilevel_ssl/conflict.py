@@ -33,12 +33,14 @@ forks torch's RNG, so a run with the monitor equals a run without it bit for bit
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from . import meta
 from .objectives import Objective, Outputs
 
 __all__ = [
@@ -70,27 +72,9 @@ TaskGrads = Sequence["Tensor | GradList"]  # per task: a flat vector, or a list 
 # tasks
 
 
-def allowed_n_tasks(batch_size: int) -> list[int]:
-    """The numbers of tasks K a batch of ``batch_size`` images splits into: divisors K ≥ 2 with B/K ≥ 2 images
-    per task (a contrastive loss needs another image for negatives, a redundancy loss two samples for a
-    variance; a single task has no pair to compare)."""
-    return [k for k in range(2, batch_size // 2 + 1) if batch_size % k == 0]
-
-
-def check_n_tasks(batch_size: int, n_tasks, key: str = "n_tasks") -> None:
-    """Raise ValueError (message starting with ``key``) unless ``n_tasks`` is in :func:`allowed_n_tasks`."""
-    allowed = allowed_n_tasks(batch_size)
-    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks not in allowed:
-        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int):
-            why = f"must be an integer, got {type(n_tasks).__name__} {n_tasks!r}"
-        elif n_tasks < 2:
-            why = f"must be >= 2 (one task has no other task to conflict with), got {n_tasks}"
-        elif batch_size % n_tasks:
-            why = f"{n_tasks} does not divide the batch size {batch_size}"
-        else:
-            why = f"{n_tasks} leaves {batch_size // n_tasks} image per task for batch size {batch_size} (need >= 2)"
-        raise ValueError(f"{key}: {why}; allowed for batch size {batch_size} (divisors >= 2 leaving >= 2 images "
-                         f"per task): {', '.join(map(str, allowed)) or 'none'}")
+# the task-split check of bilevel_ssl.meta with >= 2 tasks: one task has no other task to conflict with
+allowed_n_tasks = functools.partial(meta.allowed_n_tasks, min_tasks=2)
+check_n_tasks = functools.partial(meta.check_n_tasks, min_tasks=2)
 
 
 def task_slices(batch_size: int, n_tasks: int) -> list[slice]:

@@ -1,5 +1,7 @@
 """What the experiment notebooks share: data preparation, per-objective recipes, base/method configurations,
-a per-epoch k-NN monitor, seed aggregation and the claim verdicts of ``shared/paper-claims.md``.
+a per-epoch k-NN monitor, seed aggregation, the claim verdicts of ``shared/paper-claims.md`` and the augmentation
+subsets of MCR's Table 4 (:func:`subset_config`, :func:`subset_args`, :func:`train_augment_subset`: expressed as
+``TrainConfig.augment_args`` over the dataset preset; rotation: ``rotate90_p``).
 
 Keeping this here keeps the notebooks thin (parameters, calls, figures, reading) and makes every notebook build
 the *same* configuration for the same base run - so :func:`bilevel_ssl.cache.cached_train` reuses it across
@@ -8,12 +10,15 @@ notebooks (e.g. the SimCLR seed-0 run of the universality notebook is the t-SNE 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
+from .augment import AugmentConfig
 from .config import TrainConfig
 from .data import AUGMENT_PRESET, ImageSet, Splits, load_dataset, make_splits
 from .evaluate import extract_features, knn_accuracy, mean_ci95
@@ -129,3 +134,83 @@ def summarize(rows: list[dict], by: list[str], metrics: list[str]) -> "pandas.Da
         rec["seeds"] = int(len(group))
         out.append(rec)
     return pd.DataFrame(out)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# augmentation subsets (MCR's Table 4)
+
+AUGMENT_OPS = ("flip", "rotate", "crop", "grey", "jitter")  # Table 4's columns, in its order
+TABLE4_SUBSETS: dict[int, tuple[str, ...]] = {  # Table 4's rows: ID -> the augmentations used
+    1: ("flip", "rotate"),
+    2: ("crop",),
+    3: ("grey",),
+    4: ("jitter",),
+    5: ("flip", "crop"),
+    6: ("rotate", "jitter"),
+    7: ("flip", "crop", "grey"),
+    8: AUGMENT_OPS,
+}
+_DEFAULT_ON = AugmentConfig()  # SimCLR CIFAR-10 values for an op the dataset preset switches off
+
+
+def _check_ops(ops: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(ops, str):
+        ops = (ops,)
+    ops = tuple(ops)
+    bad = sorted(set(ops) - set(AUGMENT_OPS))
+    if bad or not ops:
+        raise ValueError(f"ops: unknown or empty augmentation subset {list(ops)}; allowed: non-empty subsets of "
+                         f"{', '.join(AUGMENT_OPS)}")
+    return tuple(o for o in AUGMENT_OPS if o in ops)
+
+
+def subset_config(ops: Iterable[str], base: AugmentConfig) -> AugmentConfig:
+    """``base`` (a dataset preset) restricted to the augmentations ``ops`` of Table 4.
+
+    An op in ``ops`` keeps the preset's parameters; where the preset switches it off (``mnistm`` has no flips) it is
+    switched on with the SimCLR CIFAR-10 value (flip p = 0.5, grey p = 0.2, jitter p = 0.8, crop scale (0.08, 1)) -
+    the row asks for that augmentation.  An op not in ``ops`` is off: p = 0, or a full-image crop
+    (scale = ratio = 1, an exact identity resampling).  Gaussian blur, not a column of Table 4, is off.  "rotate"
+    (not specified further by the paper): a random right angle, 0/90/180/270 degrees with probability 1/4 each -
+    the four rotations of Xiao et al. 2020, whom the paper cites on rotation invariance - i.e.
+    ``rotate90_p`` = 0.75 (:mod:`bilevel_ssl.augment` draws 90/180/270 uniformly when it rotates); exact, no
+    interpolation."""
+    ops = _check_ops(ops)
+    d = _DEFAULT_ON
+    crop = "crop" in ops
+    crop_on = base.crop_scale != (1.0, 1.0)
+    return dataclasses.replace(
+        base,
+        crop_scale=(base.crop_scale if crop_on else d.crop_scale) if crop else (1.0, 1.0),
+        crop_ratio=(base.crop_ratio if crop_on else d.crop_ratio) if crop else (1.0, 1.0),
+        flip_p=(base.flip_p or d.flip_p) if "flip" in ops else 0.0,
+        jitter_p=(base.jitter_p or d.jitter_p) if "jitter" in ops else 0.0,
+        grayscale_p=(base.grayscale_p or d.grayscale_p) if "grey" in ops else 0.0,
+        blur_p=0.0, rotate90_p=0.75 if "rotate" in ops else 0.0)
+
+
+def subset_args(ops: Iterable[str], base: AugmentConfig) -> dict:
+    """The ``TrainConfig.augment_args`` that turn preset ``base`` into the Table 4 subset ``ops``
+    (:func:`subset_config`): the fields that differ, tuples as lists (YAML/JSON-friendly)."""
+    target = subset_config(ops, base)
+    out = {}
+    for f in dataclasses.fields(AugmentConfig):
+        v = getattr(target, f.name)
+        if v != getattr(base, f.name):
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def subset_tag(ops: Iterable[str]) -> str:
+    """A readable name of an augmentation subset, e.g. ``augment-subset:flip+crop``."""
+    return "augment-subset:" + "+".join(_check_ops(ops))
+
+
+def train_augment_subset(cfg, data, ops: Sequence[str], *, tag: str = "", monitors: tuple = ()):
+    """:func:`bilevel_ssl.cache.cached_train` of ``cfg`` with the augmentation subset ``ops`` of Table 4 on top of
+    its preset (``augment_args`` from :func:`subset_args`, merged over any the config already has); the subset is
+    part of the configuration, hence of the cache key."""
+    from .cache import cached_train
+
+    args = {**cfg.augment_args, **subset_args(ops, cfg.augmentation())}
+    return cached_train(dataclasses.replace(cfg, augment_args=args), data, tag=tag, monitors=monitors)

@@ -1,4 +1,4 @@
-"""GeSSL's pure building blocks: mini-batch tasks, the discriminative loss L_disc and the threshold network g.
+"""GeSSL: mini-batch tasks, the discriminative loss L_disc, the threshold network g and the meta-method.
 
 GeSSL (Qiang et al., "On the Universality of Self-Supervised Learning", ICLR 2026 submission; paper in
 ``shared/papers/gessl-universality-of-ssl.md``) wraps any SSL objective L_ssl in a bi-level, MAML-like step.  A
@@ -11,7 +11,8 @@ sets with L_ssl + μ·L_disc (g fixed); the outer loop updates f and g with L_ss
     f' = f − α ∇_f Σ_l [L_ssl(f, S_l) + μ·L_disc(f, g, S_l)]            (Eq. 4, ς = 1 step in the paper)
     f ← f − β Σ_l ∇_f L_ssl(f'(f, g), Q_l);   g ← g − β Σ_l ∇_g L_ssl(f'(f, g), Q_l)              (Eq. 5)
 
-The bi-level step itself is built elsewhere from :mod:`bilevel_ssl.hypergrad`; this module holds only the pieces.
+The hypergradient of the bi-level step comes from an engine of :mod:`bilevel_ssl.hypergrad`; the plumbing shared
+with the other bi-level methods from :class:`bilevel_ssl.bilevel.BiLevelMethod`.
 
 Notation (App. A), for one task:
 
@@ -25,20 +26,21 @@ Notation (App. A), for one task:
 
 What implements which equation:
 
-* :func:`make_tasks`, :func:`split_tasks` - the task construction and support/query split of §3.2.
+* :func:`make_tasks` - the task construction of §3.2 (support/query split: :meth:`GeSSL._losses`).
 * :func:`cosine_distance_matrix` - the d_j^i of Eq. 2.
 * :func:`disc_loss_hard` - Eq. 2 (indicator gate; gives a_i no gradient - kept for tests and teaching).
 * :func:`disc_loss` - Eq. 3 (sigmoid gate w_ij = σ(k(a_i − d_j^i))), the loss GeSSL trains with.
 * :class:`ThresholdNet` - g (App. C architecture; main-text and App. H.6 inputs), a_i on the [0, 2] distance scale.
-* :func:`discriminative_loss` - L_disc(f, g, S_l) from embeddings: the three above composed.
 * :class:`GeSSLConfig` - the hyper-parameters with their paper defaults, validated.
+* :class:`GeSSL` - the meta-method (``meta: gessl``): L_disc(f, g, S_l) = :func:`disc_loss` of
+  :func:`cosine_distance_matrix` and g's thresholds, inside the inner loss.
 
 Two facts that shape the design (both follow directly from Eq. 3):
 
 * ∂L_disc/∂a_i = Σ_j 2k·d_ij·w_ij(1 − w_ij) ≥ 0: minimising L_disc *itself* over g always lowers every threshold
   (down to "push everything apart").  That is why g is fixed in the inner loop and trained only through the outer
-  loss (Eq. 5), and why :class:`ThresholdNet` by default stops the gradient into its input statistics (else the
-  inner gradient would move f to lower the thresholds rather than to pull/push pairs).
+  loss (Eq. 5).  The gradient through g's *input* statistics pushes f the same way (towards lower thresholds);
+  :class:`GeSSLConfig` ``g_detach`` says why GeSSL keeps it nonetheless.
 * ∂L_disc/∂d_ij = (2w_ij − 1) − 2k·d_ij·w_ij(1 − w_ij): ≈ +1 well below the threshold (descent pulls the pair
   together), ≈ −1 well above (pushes apart), and a sharp extra push of −k·a_i/2 exactly at d_ij = a_i.
 """
@@ -47,12 +49,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from .bilevel import BiLevelMethod, MetaArgs
+from .hypergrad import set_grads
+from .meta import SSLNet, check_n_tasks, take
+from .objectives import Objective, Outputs
 
 __all__ = [
     "MU",
@@ -62,13 +68,10 @@ __all__ = [
     "REDUCTIONS",
     "GeSSLConfig",
     "make_tasks",
-    "TaskSplit",
-    "split_tasks",
     "cosine_distance_matrix",
     "disc_loss_hard",
     "disc_loss",
     "ThresholdNet",
-    "discriminative_loss",
     "VARIANTS",
     "GeSSL",
 ]
@@ -78,6 +81,7 @@ K = 30.0  # steepness of the sigmoid gate of Eq. 3; §5.2, Fig. 4 (searched over
 M = 8  # tasks per step; App. G.3 ("we also choose m = 8"), with n = 16 or 32 pairs per task
 STATS = ("meanvar", "meancov")
 REDUCTIONS = ("mean", "sum", "none")
+VARIANTS = ("bilevel", "joint", "per_task")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -85,8 +89,9 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 @dataclass
-class GeSSLConfig:
-    """GeSSL's hyper-parameters.  Paper defaults where the paper gives one; the rest are ours (marked).
+class GeSSLConfig(MetaArgs):
+    """GeSSL's hyper-parameters (``meta_args`` of ``meta: gessl``).  Paper defaults where the paper gives one; the
+    rest are ours (marked).
 
     * ``mu`` μ = 0.7, ``k`` = 30 - §5.2, Fig. 3-4.
     * ``m`` = 8 tasks per step - App. G.3.
@@ -103,7 +108,10 @@ class GeSSLConfig:
       which differentiate the computed values, do not - the engines would estimate different quantities and the
       App. G.4 comparison would be meaningless.  Measured on a tiny net (``tests/test_gessl_method.py``): with
       ``False`` aid_fd matches second_order to 1e-7 in float64; with ``True`` they differ by 40%.
+    * ``variant`` = "bilevel" - or an ablation of Fig. 11 (:data:`VARIANTS`, see :class:`GeSSL`).
     """
+
+    method = "gessl"
 
     mu: float = MU
     k: float = K
@@ -116,8 +124,11 @@ class GeSSLConfig:
     cov_rank: int = 16
     g_residual: bool = True
     g_detach: bool = False
+    variant: str = "bilevel"
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"meta_args: gessl variant {self.variant!r} unknown; allowed: {', '.join(VARIANTS)}")
         for key, kind in (("mu", float), ("k", float), ("inner_lr", float), ("m", int), ("inner_steps", int),
                           ("g_hidden", int), ("cov_rank", int), ("g_residual", bool), ("g_detach", bool),
                           ("stats", str), ("reduction", str)):
@@ -156,10 +167,6 @@ def _check_type(key: str, value, kind: type) -> None:
 # tasks (§3.2)
 
 
-def _allowed_m(n_images: int) -> list[int]:
-    return [m for m in range(1, n_images // 2 + 1) if n_images % m == 0]
-
-
 def make_tasks(n_images: int, m: int, generator: torch.Generator | None = None) -> Tensor:
     """Split a batch of ``n_images`` images into ``m`` tasks of n = n_images / m pairs (§3.2).
 
@@ -168,72 +175,15 @@ def make_tasks(n_images: int, m: int, generator: torch.Generator | None = None) 
     with one, the images are dealt to tasks in a random order.  Each task needs n >= 2 pairs (an SSL loss needs
     another pair for negatives/variance; L_disc's set {u_j − v_i}_j would hold one vector).
 
-    Raises ValueError naming ``m``, the batch size and the allowed values of m if m does not divide the batch.
+    Raises ValueError naming ``m``, the batch size and the allowed values of m
+    (:func:`bilevel_ssl.meta.check_n_tasks`).
     """
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
         raise ValueError(f"gessl: the batch size must be an integer >= 1, got {n_images!r}")
-    allowed = _allowed_m(n_images)
-    if isinstance(m, bool) or not isinstance(m, int) or m not in allowed:
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            why = f"m must be an integer >= 1, got {m!r}"
-        elif n_images % m:
-            why = f"m={m} does not divide the batch size {n_images}"
-        else:
-            why = f"m={m} leaves {n_images // m} pair per task for batch size {n_images} (need >= 2)"
-        raise ValueError(f"gessl: {why}; allowed m for batch size {n_images} (divisors leaving >= 2 pairs per task): "
-                         f"{', '.join(map(str, allowed)) or 'none'}")
+    check_n_tasks(n_images, m, key="m")
     if generator is None:
         return torch.arange(n_images).view(m, n_images // m)
     return torch.randperm(n_images, generator=generator).view(m, n_images // m)
-
-
-class TaskSplit(NamedTuple):
-    """Views of a batch grouped into tasks: each field is ``(m, n, ...)``; ``[l]`` of a field is task l.
-
-    ``support`` = (x¹, anchor) and ``query`` = (x², anchor) are the support and query pairs of §3.2: they share
-    the anchor of each pair and differ in the other view, so no view of the support set is in the query set."""
-
-    x1: Tensor
-    x2: Tensor
-    anchor: Tensor
-
-    @property
-    def support(self) -> tuple[Tensor, Tensor]:
-        return self.x1, self.anchor
-
-    @property
-    def query(self) -> tuple[Tensor, Tensor]:
-        return self.x2, self.anchor
-
-    @property
-    def m(self) -> int:
-        return self.anchor.shape[0]
-
-    @property
-    def n(self) -> int:
-        return self.anchor.shape[1]
-
-
-def split_tasks(x1: Tensor, x2: Tensor, anchor: Tensor, tasks: int | Tensor) -> TaskSplit:
-    """Group the three views (each ``(B, ...)``: images or embeddings, row b = image b) into tasks.
-
-    ``tasks`` is either m (contiguous split, a reshape - no copy) or a ``(m, n)`` index tensor from
-    :func:`make_tasks`.  Returns a :class:`TaskSplit` with ``(m, n, ...)`` tensors.
-    """
-    if not (x1.shape[0] == x2.shape[0] == anchor.shape[0]):
-        raise ValueError(f"gessl: the three views must have the same batch size, got {x1.shape[0]}, {x2.shape[0]} "
-                         f"and {anchor.shape[0]} (x1, x2, anchor)")
-    batch = anchor.shape[0]
-    if isinstance(tasks, Tensor):
-        if tasks.dim() != 2 or tasks.numel() != batch:
-            raise ValueError(f"gessl: tasks must be a (m, n) index tensor with m*n = batch size {batch}, "
-                             f"got shape {tuple(tasks.shape)}")
-        idx = tasks.to(anchor.device)
-        return TaskSplit(x1[idx], x2[idx], anchor[idx])
-    m = tasks
-    make_tasks(batch, m)  # validates m against the batch size
-    n = batch // m
-    return TaskSplit(*(x.reshape(m, n, *x.shape[1:]) for x in (x1, x2, anchor)))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -344,14 +294,15 @@ class ThresholdNet(nn.Module):
     1.0 - what ``residual=False`` gives, a_i ≈ 2σ(0) = 1 - pulls *every* pair of an encoder whose features are all
     within 90° of each other, as post-ReLU features are at initialisation: a collapse pressure.)
 
-    ``detach_input`` (default True): the statistics are computed from detached embeddings, so a_i depends on g's
-    parameters only.  The paper does not say; since ∂L_disc/∂a_i ≥ 0 always, a gradient through g's input would only
-    push f to lower the thresholds (e.g. shrink the task's spread), unrelated to pulling/pushing pairs.  The
-    threshold acts as a pseudo-label, and App. C generates pseudo-labels with copies outside backpropagation.
+    ``detach_input`` (default False, as GeSSL uses it): with True the statistics are computed from detached
+    embeddings, so a_i depends on g's parameters only - the threshold as a pseudo-label, which App. C generates
+    with copies outside backpropagation.  Since ∂L_disc/∂a_i ≥ 0 always, the gradient through g's input only pushes
+    f to lower the thresholds (e.g. shrink the task's spread); GeSSL keeps it all the same because the detached
+    version makes the engines estimate different quantities (:class:`GeSSLConfig` ``g_detach``).
     """
 
     def __init__(self, dim: int, stats: str = "meanvar", hidden: int = 64, cov_rank: int = 16,
-                 residual: bool = True, detach_input: bool = True):
+                 residual: bool = True, detach_input: bool = False):
         super().__init__()
         if stats not in STATS:
             raise ValueError(f"ThresholdNet: stats: unknown value {stats!r}; allowed: {', '.join(STATS)}")
@@ -412,30 +363,7 @@ class ThresholdNet(nn.Module):
         return f"dim={self.dim}, stats={self.stats!r}, residual={self.residual}, detach_input={self.detach_input}"
 
 
-def discriminative_loss(u: Tensor, v: Tensor, g: nn.Module, k: float = K, reduction: str = "mean") -> Tensor:
-    """L_disc(f, g, S_l) of Eq. 3 from embeddings: u = f(x¹_j) (support samples), v = f(x^anchor_i) (anchors),
-    each ``(..., n, dim)``; ``g`` maps (u, v) to thresholds ``(..., n)`` (a :class:`ThresholdNet`).  Returns one
-    value per task (leading dims kept; see :func:`disc_loss` for ``reduction``)."""
-    return disc_loss(cosine_distance_matrix(u, v), g(u, v), k=k, reduction=reduction)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# the meta-method: objective x GeSSL x hypergradient engine
-
-from torch.func import functional_call  # noqa: E402
-
-from .hypergrad import ENGINES, make_engine, set_grads  # noqa: E402
-from .meta import FunctionalNet, SingleLevel, SSLNet  # noqa: E402
-from .objectives import Objective, Outputs  # noqa: E402
-
-VARIANTS = ("bilevel", "joint", "per_task")
-
-
-def _take(outs: Outputs, idx) -> Outputs:
-    return [{k: v[idx] for k, v in o.items()} for o in outs]
-
-
-class GeSSL(SingleLevel):
+class GeSSL(BiLevelMethod):
     """GeSSL's bi-level step around any two-view base objective (``meta: gessl`` in a TrainConfig).
 
     One step, for a batch of B images with three views each (x¹, x², anchor; the trainer makes ``n_views = 3``):
@@ -478,36 +406,20 @@ class GeSSL(SingleLevel):
     * ``bilevel`` (default) - the above: one f' adapted on the support sets of all tasks together (Eq. 4 sums
       over l inside one gradient step).
     * ``joint`` - one-stage: minimise inner_loss(θ, φ) + outer_loss(θ, φ) at θ itself, no adaptation, ordinary
-      backward (g then gets ∇_φ of μ·L_disc directly, which only lowers thresholds - see the module docstring).
+      backward (:class:`bilevel_ssl.bilevel.Joint`; g then gets ∇_φ of μ·L_disc directly, which only lowers
+      thresholds - see the module docstring).
     * ``per_task`` - a separate f'_l per task: θ'_l adapted on S_l alone, outer loss on Q_l with θ'_l, meta-
       gradients averaged over tasks (m engine calls on n pairs each).
     """
 
     name = "gessl"
+    options = GeSSLConfig
+    one_stage_variant = "joint"
+    code_modules = ("gessl",)
 
     @classmethod
-    def _options(cls, cfg) -> tuple[str, GeSSLConfig]:
-        opts = dict(cfg.meta_args)
-        variant = opts.pop("variant", "bilevel")
-        if variant not in VARIANTS:
-            raise ValueError(f"meta_args: gessl variant {variant!r} unknown; allowed: {', '.join(VARIANTS)}")
-        allowed = [f for f in GeSSLConfig.__dataclass_fields__] + ["variant"]
-        unknown = sorted(set(opts) - set(allowed))
-        if unknown:
-            raise ValueError(f"meta_args: unknown gessl option(s) {unknown}; allowed: {', '.join(allowed)}")
-        return variant, GeSSLConfig(**opts)
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        variant, g = cls._options(cfg)
-        try:  # the batch must split into m tasks of >= 2 pairs; the error lists the valid m
-            make_tasks(cfg.batch_size, g.m)
-        except ValueError as err:
-            raise ValueError(f"meta_args.m / batch_size: {err}") from None
-        try:
-            make_engine(cfg.hypergrad, **cfg.hypergrad_args)
-        except ValueError as err:
-            raise ValueError(f"hypergrad_args: {err}") from None
+    def _check(cls, cfg, opts: GeSSLConfig) -> None:
+        check_n_tasks(cfg.batch_size, opts.m, key="meta_args.m / batch_size")  # tasks of >= 2 pairs
         from .objectives import objective_class
 
         if objective_class(cfg.objective).n_views not in (1, 2):
@@ -515,14 +427,13 @@ class GeSSL(SingleLevel):
                              f"objective; {cfg.objective} uses {objective_class(cfg.objective).n_views} views")
 
     def __init__(self, objective: Objective, net: SSLNet, cfg):
-        super().__init__(objective, net)
-        self.variant, self.cfg = self._options(cfg)
-        self.engine = make_engine(cfg.hypergrad, **cfg.hypergrad_args)
-        self.g = self.cfg.threshold_net(net.backbone.feature_dim)
-        self._param_names = [n for n, _ in net.named_parameters()]
-        self._g_names = [n for n, _ in self.g.named_parameters()]
+        super().__init__(objective, net, cfg)
+        self.own("g", self.cfg.threshold_net(net.backbone.feature_dim))
 
-    # ----------------------------------------------------------------------------------------------- plumbing
+    @property
+    def variant(self) -> str:
+        return self.cfg.variant
+
     @property
     def generative(self) -> bool:
         """G-SSL objective (MAE): one augmented view is the anchor, x¹ and x² are two random maskings of it."""
@@ -532,24 +443,6 @@ class GeSSL(SingleLevel):
     def n_views(self) -> int:
         return 1 if self.generative else 3
 
-    def parameters(self) -> list[nn.Parameter]:
-        return list(self.g.parameters())
-
-    def to(self, device) -> "GeSSL":
-        super().to(device)
-        self.g.to(device)
-        return self
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["g"], state["engine"] = self.g.state_dict(), self.engine.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.g.load_state_dict(state["g"])
-        self.engine.load_state_dict(state.get("engine", {}))  # checkpoints before engine state was kept: {}
-
     def _forward(self, net: SSLNet, theta: list[Tensor], x: Tensor, *, update_stats: bool,
                  mask_seed: int | None = None) -> tuple[Outputs, Tensor, Tensor]:
         """The network at parameters θ: (L_ssl outputs of the pair, u = f(x¹), v = f(anchor)).
@@ -557,10 +450,7 @@ class GeSSL(SingleLevel):
         Discriminative: ``x`` = the x¹ (or x²) views and the anchors concatenated, one forward.  Generative: ``x``
         = the anchors; the objective masks them with a fixed seed (the same mask every time an engine
         re-evaluates the loss in one step), u = the masked encoding's representation, v = the full image's."""
-        tensors = dict(zip(self._param_names, theta))
-        if not update_stats:
-            tensors.update({k: b.clone() for k, b in net.named_buffers()})
-        fnet = FunctionalNet(net, tensors)
+        fnet = self._functional(net, theta, update_stats=update_stats)
         if not self.generative:
             outs = self.objective.outputs(fnet, x, 2)
             return outs, outs[0]["h"], outs[1]["h"]
@@ -569,23 +459,17 @@ class GeSSL(SingleLevel):
             outs = self.objective.outputs(fnet, x, 1)
         return outs, outs[0]["h"], fnet.backbone(x)
 
-    def _g(self, phi: list[Tensor], u: Tensor, v: Tensor) -> Tensor:
-        return functional_call(self.g, dict(zip(self._g_names, phi)), (u, v))
-
     # ---------------------------------------------------------------------------------------------- the step
     def _losses(self, net, x1, x2, anchor, teacher: Outputs | None, m: int | None = None):
-        """inner_loss and outer_loss closures for the batch cut into ``m`` tasks (default ``cfg.m``)."""
+        """inner_loss and outer_loss closures for the batch cut into ``m`` tasks (default ``cfg.m``): support
+        S_l = (x¹, anchor) and query Q_l = (x², anchor) of the contiguous tasks l (§3.2)."""
         cfg, m = self.cfg, m or self.cfg.m
-        b = x1.shape[0]
-        n = b // m
+        n = x1.shape[0] // m
         stash: dict = {}
 
         def per_task_ssl(outs: Outputs, t_outs: Outputs | None) -> Tensor:
-            losses = []
-            for l in range(m):
-                sl = slice(l * n, (l + 1) * n)
-                losses.append(self.objective.loss(_take(outs, sl), None if t_outs is None else _take(t_outs, sl)))
-            return torch.stack(losses).mean()
+            tasks = [slice(l * n, (l + 1) * n) for l in range(m)]
+            return torch.stack([self.objective.loss(take(outs, sl), take(t_outs, sl)) for sl in tasks]).mean()
 
         t_sup = None if teacher is None else [teacher[0], teacher[2]]
         t_que = None if teacher is None else [teacher[1], teacher[2]]
@@ -598,7 +482,7 @@ class GeSSL(SingleLevel):
             outs, u, v = self._forward(net, theta, support, update_stats=False, mask_seed=seeds[0])
             ssl = per_task_ssl(outs, t_sup)
             u, v = u.reshape(m, n, -1), v.reshape(m, n, -1)
-            a = self._g(phi, u, v)
+            a = self._call("g", phi, u, v)
             disc = disc_loss(cosine_distance_matrix(u, v), a, k=cfg.k, reduction=cfg.reduction).mean()
             if "inner_ssl" not in stash:
                 stash.update(inner_ssl=ssl.item(), disc=disc.item(), threshold=a.mean().item())
@@ -611,60 +495,43 @@ class GeSSL(SingleLevel):
 
         return inner_loss, outer_loss, stash
 
-    def compute_grads(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
-        # Second derivatives through attention need the math kernel: the fused CPU/GPU kernels of
-        # scaled_dot_product_attention implement only first derivatives (ViT backbones, MAE).
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    def _per_task(self, net, x1, x2, anchor, teacher, theta, phi):
+        """The ``per_task`` variant: one engine call per task, each adapting its own f'_l; gradients averaged."""
+        m, n = self.cfg.m, x1.shape[0] // self.cfg.m
+        grads_t = [torch.zeros_like(p) for p in theta]
+        grads_p = [torch.zeros_like(p) for p in phi]
+        stashes = []
+        for l in range(m):
+            sl = slice(l * n, (l + 1) * n)
+            inner, outer, stash = self._losses(net, x1[sl], x2[sl], anchor[sl], take(teacher, sl), m=1)
+            hg = self._hypergradient(inner, outer, theta, phi, inner_lr=self.cfg.inner_lr,
+                                     inner_steps=self.cfg.inner_steps)
+            for acc, g in zip(grads_t + grads_p, hg.theta_grads + hg.phi_grads):
+                acc.add_(g, alpha=1.0 / m)
+            stashes.append((stash, hg.logs))
+        query = [{k: torch.cat([s["query"][v][k] for s, _ in stashes]) for k in stashes[0][0]["query"][v]}
+                 for v in range(len(stashes[0][0]["query"]))]
+        logs = {key: sum(s.get(key, float("nan")) for s, _ in stashes) / m
+                for key in ("inner_ssl", "disc", "threshold")}
+        logs["loss"] = sum(h["outer_loss"] for _, h in stashes) / m
+        return grads_t, grads_p, query, logs
 
-        with sdpa_kernel(SDPBackend.MATH):
-            return self._compute_grads(net, views)
-
-    def _compute_grads(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
+    def _step(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
         x1, x2, anchor = views * 3 if self.generative else views
         teacher = (self.objective.outputs(self.teacher, torch.cat(views), 3) if self.teacher is not None else None)
         theta = [p for _, p in net.named_parameters()]
-        phi = list(self.g.parameters())
-        logs: dict[str, float] = {}
+        phi = self.meta_parameters()
         if self.variant == "per_task":
-            m, n = self.cfg.m, x1.shape[0] // self.cfg.m
-            grads_t = [torch.zeros_like(p) for p in theta]
-            grads_p = [torch.zeros_like(p) for p in phi]
-            stashes = []
-            for l in range(m):  # each task adapts its own f'_l: one engine call on a batch of one task
-                sl = slice(l * n, (l + 1) * n)
-                t_l = None if teacher is None else _take(teacher, sl)
-                inner, outer, stash = self._losses(net, x1[sl], x2[sl], anchor[sl], t_l, m=1)
-                hg = self.engine(inner, outer, theta, phi, inner_lr=self.cfg.inner_lr,
-                                 inner_steps=self.cfg.inner_steps)
-                for acc, g in zip(grads_t, hg.theta_grads):
-                    acc.add_(g, alpha=1.0 / m)
-                for acc, g in zip(grads_p, hg.phi_grads):
-                    acc.add_(g, alpha=1.0 / m)
-                stashes.append((stash, hg.logs))
-            query = [{k: torch.cat([s["query"][v][k] for s, _ in stashes]) for k in stashes[0][0]["query"][v]}
-                     for v in range(len(stashes[0][0]["query"]))]
-            for key in ("inner_ssl", "disc", "threshold"):
-                logs[key] = sum(s.get(key, float("nan")) for s, _ in stashes) / m
-            logs["loss"] = sum(h["outer_loss"] for _, h in stashes) / m
-        else:
+            grads_t, grads_p, query, logs = self._per_task(net, x1, x2, anchor, teacher, theta, phi)
+        else:  # bilevel, or joint (one stage: the Joint engine)
             inner, outer, stash = self._losses(net, x1, x2, anchor, teacher)
-            if self.variant == "joint":
-                total_outer = outer(theta, phi)
-                total = inner(theta, phi) + total_outer
-                grads = torch.autograd.grad(total, theta + phi, allow_unused=True)
-                grads_t = [torch.zeros_like(p) if g is None else g for p, g in zip(theta, grads[:len(theta)])]
-                grads_p = [torch.zeros_like(p) if g is None else g for p, g in zip(phi, grads[len(theta):])]
-                logs["loss"] = total_outer.item()
-            else:
-                hg = self.engine(inner, outer, theta, phi, inner_lr=self.cfg.inner_lr,
-                                 inner_steps=self.cfg.inner_steps)
-                grads_t, grads_p = hg.theta_grads, hg.phi_grads
-                logs["loss"] = hg.logs["outer_loss"]
-            query = stash["query"]
-            logs.update({k: stash[k] for k in ("inner_ssl", "disc", "threshold") if k in stash})
+            hg = self._hypergradient(inner, outer, theta, phi, inner_lr=self.cfg.inner_lr,
+                                     inner_steps=self.cfg.inner_steps)
+            grads_t, grads_p, query = hg.theta_grads, hg.phi_grads, stash["query"]
+            logs = {"loss": hg.logs["outer_loss"], **{k: stash[k] for k in ("inner_ssl", "disc", "threshold")
+                                                       if k in stash}}
         set_grads(theta, grads_t)
         set_grads(phi, grads_p)
-        logs["g_grad_norm"] = float(torch.sqrt(sum((g.detach() ** 2).sum() for g in grads_p)))
-        t_query = None if teacher is None else [teacher[1], teacher[2]]
-        self._last = ([{k: v.detach() for k, v in o.items()} for o in query], t_query)
+        logs["g_grad_norm"] = self._grad_norm(grads_p)
+        self._remember(query, None if teacher is None else [teacher[1], teacher[2]])
         return logs

@@ -21,8 +21,8 @@ What implements which equation:
 * :class:`CompMod` - g_ξ; :func:`fuse` - the fusion strategies of Eq. 5 (representation space, "M(h)"), Eq. 12
   (embedding space, "M(z)") and Eq. 11 (mixup), compared in Table 7.
 * :class:`MCRConfig` - the options (``meta_args``), validated; :class:`MCR` - the meta-method (``meta: mcr``).
-* :func:`subset_config`, :func:`subset_args`, :func:`train_augment_subset` - the augmentation subsets of Table 4,
-  expressed as ``TrainConfig.augment_args`` over the dataset preset (rotation: ``rotate90_p``).
+
+The augmentation subsets of Table 4 (an experiment, not part of the method) are in :mod:`bilevel_ssl.experiments`.
 
 **Convergence of the series.**  For a square matrix C, Σ_k (−1)^{k+1}/k Tr(C^k) = Tr log(I + C) = log det(I + C)
 iff the spectral radius ρ(C) < 1 (the scalar series log(1 + x) = Σ (−1)^{k+1} x^k / k converges for |x| < 1 and
@@ -40,21 +40,18 @@ before compute.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
-from dataclasses import dataclass, fields
-from typing import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call
 
-from .augment import AugmentConfig
-from .hypergrad import make_engine, set_grads
-from .meta import FunctionalNet, SingleLevel, SSLNet
+from .bilevel import BiLevelMethod, MetaArgs
+from .hypergrad import set_grads
+from .meta import SSLNet
 from .objectives import Objective, Outputs
 
 __all__ = [
@@ -76,12 +73,6 @@ __all__ = [
     "fuse",
     "MCRConfig",
     "MCR",
-    "AUGMENT_OPS",
-    "TABLE4_SUBSETS",
-    "subset_config",
-    "subset_args",
-    "subset_tag",
-    "train_augment_subset",
 ]
 
 ORDER = 4  # Taylor order m of Eq. 6-7: the MEC authors' code uses 4 (shared/reference-facts.md)
@@ -290,7 +281,7 @@ def fuse(fusion: str, h1: Tensor, h2: Tensor, z1: Tensor, z2: Tensor, alpha: flo
 
 
 @dataclass
-class MCRConfig:
+class MCRConfig(MetaArgs):
     """MCR's options (``meta_args`` of ``meta: mcr``).  Paper values where the paper gives one; the rest ours.
 
     * ``lambda1`` = 0.01, ``lambda2`` = 0.1 - weights of L_mcr (Eq. 8) and L_comp (Eq. 9).  Not stated for Table 1;
@@ -328,6 +319,8 @@ class MCRConfig:
     detach_target: bool = True
     check: str = "error"
 
+    method = "mcr"
+
     def __post_init__(self) -> None:
         for key in ("lambda1", "lambda2"):
             v = getattr(self, key)
@@ -353,14 +346,6 @@ class MCRConfig:
             if not _is_real(self.mixup_alpha) or not 0.0 <= self.mixup_alpha <= 1.0:
                 raise ValueError(f"meta_args.mixup_alpha: must be a number in [0, 1] or null (α ~ U(0, 1) per "
                                  f"sample), got {self.mixup_alpha!r}")
-
-    @classmethod
-    def from_meta_args(cls, meta_args: dict) -> "MCRConfig":
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(meta_args) - set(allowed))
-        if unknown:
-            raise ValueError(f"meta_args: unknown mcr option(s) {unknown}; allowed: {', '.join(allowed)}")
-        return cls(**meta_args)
 
     def lam_for(self, n: int) -> float:
         return default_lam(n) if self.lam is None else float(self.lam)
@@ -399,7 +384,7 @@ def _embed_dim(net: SSLNet) -> int:
     return int(z.shape[1])
 
 
-class MCR(SingleLevel):
+class MCR(BiLevelMethod):
     """MCR around any two-view objective (``meta: mcr`` in a TrainConfig): Algorithm 1, one batch per step.
 
     One step on the two views x¹, x² of a batch of n images:
@@ -434,55 +419,27 @@ class MCR(SingleLevel):
     """
 
     name = "mcr"
+    options = MCRConfig
+    code_modules = ("mcr",)
 
     @classmethod
-    def check_config(cls, cfg) -> None:
-        opts = MCRConfig.from_meta_args(dict(cfg.meta_args))
+    def _check(cls, cfg, opts: MCRConfig) -> None:
         opts.check_bound(cfg.batch_size)
         from .objectives import objective_class
 
         if objective_class(cfg.objective).n_views != 2 or cfg.objective == "mae":
             raise ValueError(f"objective: mcr needs a two-view discriminative objective with embeddings z (it fuses "
                              f"the two views' features); got {cfg.objective!r}")
-        try:
-            make_engine(cfg.hypergrad, **cfg.hypergrad_args)
-        except ValueError as err:
-            raise ValueError(f"hypergrad_args: {err}") from None
 
     def __init__(self, objective: Objective, net: SSLNet, cfg):
-        super().__init__(objective, net)
-        self.cfg = MCRConfig.from_meta_args(dict(cfg.meta_args))
+        super().__init__(objective, net, cfg)
         self.inner_lr = float(cfg.lr if self.cfg.inner_lr is None else self.cfg.inner_lr)
-        self.engine = make_engine(cfg.hypergrad, **cfg.hypergrad_args)
         self.feature_dim, self.embed_dim = net.backbone.feature_dim, _embed_dim(net)
-        self.compmod = CompMod(*compmod_dims(self.cfg.fusion, self.feature_dim, self.embed_dim))
-        p0 = next(net.parameters())
-        self.compmod.to(device=p0.device, dtype=p0.dtype)
-        self._param_names = [n for n, _ in net.named_parameters()]
-        self._xi_names = [n for n, _ in self.compmod.named_parameters()]
+        self.own("compmod", CompMod(*compmod_dims(self.cfg.fusion, self.feature_dim, self.embed_dim)))
 
-    # ----------------------------------------------------------------------------------------------- plumbing
     @property
     def n_views(self) -> int:
         return 2
-
-    def parameters(self) -> list[nn.Parameter]:
-        return list(self.compmod.parameters())
-
-    def to(self, device) -> "MCR":
-        super().to(device)
-        self.compmod.to(device)
-        return self
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["compmod"], state["engine"] = self.compmod.state_dict(), self.engine.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.compmod.load_state_dict(state["compmod"])
-        self.engine.load_state_dict(state.get("engine", {}))  # checkpoints before engine state was kept: {}
 
     # ------------------------------------------------------------------------------------------------ pieces
     def _alpha(self, n: int, like: Tensor) -> float | Tensor | None:
@@ -520,21 +477,14 @@ class MCR(SingleLevel):
                    for b in (zh, self._norm(outs[0]["z"].detach()), self._norm(outs[1]["z"].detach())))
 
     # ---------------------------------------------------------------------------------------------- the step
-    def compute_grads(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
-        # double backward through attention needs the math kernel (ViT backbones), as in GeSSL
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(SDPBackend.MATH):
-            return self._compute_grads(net, views)
-
-    def _compute_grads(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
+    def _step(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
         if len(views) != 2:
             raise ValueError(f"mcr: needs 2 views per image, got {len(views)}")
         c = self.cfg
         x, n = torch.cat(views), views[0].shape[0]
         teacher = self.objective.outputs(self.teacher, x, 2) if self.teacher is not None else None
         theta = [p for _, p in net.named_parameters()]
-        xi = list(self.compmod.parameters())
+        xi = self.meta_parameters()
         alpha = self._alpha(n, x)
 
         # step 1 (Eq. 8) at θ: the real forward
@@ -550,19 +500,19 @@ class MCR(SingleLevel):
 
         if c.variant == "no_bilevel":
             comp = self._comp(z_hat if c.detach_target else self.compmod(comp_in))
-            grads = _grads(ssl + c.lambda1 * mcr + c.lambda2 * comp, theta + xi)
+            grads = self._grads(ssl + c.lambda1 * mcr + c.lambda2 * comp, theta + xi)
             g_theta, g_xi = grads[:len(theta)], grads[len(theta):]
             logs["comp"] = comp.item()
         else:
-            g_theta = _grads(ssl + c.lambda1 * mcr, theta)
+            g_theta = self._grads(ssl + c.lambda1 * mcr, theta)
             inner, outer, stash = self._losses(net, x, teacher, comp_in, alpha)
             hg = self.engine(inner, outer, theta, xi, inner_lr=self.inner_lr, inner_steps=1)
             g_xi = hg.phi_grads
             logs.update(comp=stash["comp"], outer_ssl=stash["outer_ssl"], outer_loss=hg.logs["outer_loss"])
         set_grads(theta, g_theta)
         set_grads(xi, g_xi)
-        logs["xi_grad_norm"] = float(torch.sqrt(sum((g.detach().double() ** 2).sum() for g in g_xi)))
-        self._last = ([{k: v.detach() for k, v in o.items()} for o in student], teacher)
+        logs["xi_grad_norm"] = self._grad_norm(g_xi)
+        self._remember(student, teacher)
         return logs
 
     def _losses(self, net: SSLNet, x: Tensor, teacher: Outputs | None, comp_in: Tensor, alpha):
@@ -571,13 +521,11 @@ class MCR(SingleLevel):
         c = self.cfg
         stash: dict = {}
 
-        def forward(theta: list[Tensor]) -> Outputs:
-            tensors = dict(zip(self._param_names, theta))
-            tensors.update({k: b.clone() for k, b in net.named_buffers()})  # running stats: step 1's job
-            return self.objective.outputs(FunctionalNet(net, tensors), x, 2)
+        def forward(theta: list[Tensor]) -> Outputs:  # running statistics: step 1's job
+            return self.objective.outputs(self._functional(net, theta), x, 2)
 
         def g(xi: list[Tensor], inp: Tensor) -> Tensor:
-            return functional_call(self.compmod, dict(zip(self._xi_names, xi)), (inp,))
+            return self._call("compmod", xi, inp)
 
         def inner_loss(theta, xi):
             outs = forward(theta)
@@ -591,88 +539,3 @@ class MCR(SingleLevel):
             return ssl + c.lambda2 * comp
 
         return inner_loss, outer_loss, stash
-
-
-def _grads(loss: Tensor, params: list[Tensor]) -> list[Tensor]:
-    gs = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# augmentation subsets (Table 4)
-
-AUGMENT_OPS = ("flip", "rotate", "crop", "grey", "jitter")  # Table 4's columns, in its order
-TABLE4_SUBSETS: dict[int, tuple[str, ...]] = {  # Table 4's rows: ID -> the augmentations used
-    1: ("flip", "rotate"),
-    2: ("crop",),
-    3: ("grey",),
-    4: ("jitter",),
-    5: ("flip", "crop"),
-    6: ("rotate", "jitter"),
-    7: ("flip", "crop", "grey"),
-    8: AUGMENT_OPS,
-}
-_DEFAULT_ON = AugmentConfig()  # SimCLR CIFAR-10 values for an op the dataset preset switches off
-
-
-def _check_ops(ops: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(ops, str):
-        ops = (ops,)
-    ops = tuple(ops)
-    bad = sorted(set(ops) - set(AUGMENT_OPS))
-    if bad or not ops:
-        raise ValueError(f"ops: unknown or empty augmentation subset {list(ops)}; allowed: non-empty subsets of "
-                         f"{', '.join(AUGMENT_OPS)}")
-    return tuple(o for o in AUGMENT_OPS if o in ops)
-
-
-def subset_config(ops: Iterable[str], base: AugmentConfig) -> AugmentConfig:
-    """``base`` (a dataset preset) restricted to the augmentations ``ops`` of Table 4.
-
-    An op in ``ops`` keeps the preset's parameters; where the preset switches it off (``mnistm`` has no flips) it is
-    switched on with the SimCLR CIFAR-10 value (flip p = 0.5, grey p = 0.2, jitter p = 0.8, crop scale (0.08, 1)) -
-    the row asks for that augmentation.  An op not in ``ops`` is off: p = 0, or a full-image crop
-    (scale = ratio = 1, an exact identity resampling).  Gaussian blur, not a column of Table 4, is off.  "rotate"
-    (not specified further by the paper): a random right angle, 0/90/180/270 degrees with probability 1/4 each -
-    the four rotations of Xiao et al. 2020, whom the paper cites on rotation invariance - i.e.
-    ``rotate90_p`` = 0.75 (:mod:`bilevel_ssl.augment` draws 90/180/270 uniformly when it rotates); exact, no
-    interpolation."""
-    ops = _check_ops(ops)
-    d = _DEFAULT_ON
-    crop = "crop" in ops
-    crop_on = base.crop_scale != (1.0, 1.0)
-    return dataclasses.replace(
-        base,
-        crop_scale=(base.crop_scale if crop_on else d.crop_scale) if crop else (1.0, 1.0),
-        crop_ratio=(base.crop_ratio if crop_on else d.crop_ratio) if crop else (1.0, 1.0),
-        flip_p=(base.flip_p or d.flip_p) if "flip" in ops else 0.0,
-        jitter_p=(base.jitter_p or d.jitter_p) if "jitter" in ops else 0.0,
-        grayscale_p=(base.grayscale_p or d.grayscale_p) if "grey" in ops else 0.0,
-        blur_p=0.0, rotate90_p=0.75 if "rotate" in ops else 0.0)
-
-
-def subset_args(ops: Iterable[str], base: AugmentConfig) -> dict:
-    """The ``TrainConfig.augment_args`` that turn preset ``base`` into the Table 4 subset ``ops``
-    (:func:`subset_config`): the fields that differ, tuples as lists (YAML/JSON-friendly)."""
-    target = subset_config(ops, base)
-    out = {}
-    for f in dataclasses.fields(AugmentConfig):
-        v = getattr(target, f.name)
-        if v != getattr(base, f.name):
-            out[f.name] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def subset_tag(ops: Iterable[str]) -> str:
-    """A readable name of an augmentation subset, e.g. ``augment-subset:flip+crop``."""
-    return "augment-subset:" + "+".join(_check_ops(ops))
-
-
-def train_augment_subset(cfg, data, ops: Sequence[str], *, tag: str = "", monitors: tuple = ()):
-    """:func:`bilevel_ssl.cache.cached_train` of ``cfg`` with the augmentation subset ``ops`` of Table 4 on top of
-    its preset (``augment_args`` from :func:`subset_args`, merged over any the config already has); the subset is
-    part of the configuration, hence of the cache key."""
-    from .cache import cached_train
-
-    args = {**cfg.augment_args, **subset_args(ops, cfg.augmentation())}
-    return cached_train(dataclasses.replace(cfg, augment_args=args), data, tag=tag, monitors=monitors)

@@ -3,8 +3,11 @@
 A method is *objective x meta-method x hypergradient engine*.  The trainer owns the optimizer, the schedule and the
 loop; a meta-method owns the step: :meth:`compute_grads` fills ``.grad`` and returns the numbers to log, and
 :meth:`after_step` runs after the optimizer step (EMA teacher, objective state).  ``none`` is plain single-level
-SSL; GeSSL, TC², BiSSL and MCR are further entries of :data:`META_METHODS` that compose the same objective with
-an inner/outer step (engines in :mod:`bilevel_ssl.hypergrad`).
+SSL; the multi-task baselines (:mod:`bilevel_ssl.multitask`) and the bi-level GeSSL, TC² and MCR (on
+:class:`bilevel_ssl.bilevel.BiLevelMethod`, engines in :mod:`bilevel_ssl.hypergrad`) are the other entries of
+:data:`META_METHODS`.  (BiSSL is not a per-step meta-method: it alternates whole pretext and downstream stages,
+:mod:`bilevel_ssl.bissl`.)  Tasks - equal groups of a batch's images, used by the multi-task and bi-level
+methods - are checked by :func:`check_n_tasks`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,33 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .objectives import Objective, Outputs
+
+
+def allowed_n_tasks(batch_size: int, min_tasks: int = 1) -> list[int]:
+    """Task counts K >= ``min_tasks`` that split ``batch_size`` images into equal tasks of >= 2 images (an SSL loss
+    needs another image of its task for negatives or batch statistics)."""
+    return [k for k in range(max(1, min_tasks), batch_size // 2 + 1) if batch_size % k == 0]
+
+
+def check_n_tasks(batch_size: int, n_tasks, key: str = "n_tasks", min_tasks: int = 1) -> None:
+    """Raise ValueError (message starting with ``key``) unless ``n_tasks`` is in :func:`allowed_n_tasks`."""
+    allowed = allowed_n_tasks(batch_size, min_tasks)
+    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks not in allowed:
+        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int):
+            why = f"must be an integer, got {type(n_tasks).__name__} {n_tasks!r}"
+        elif n_tasks < min_tasks:
+            why = f"must be >= {min_tasks}, got {n_tasks}"
+        elif batch_size % n_tasks:
+            why = f"{n_tasks} does not divide the batch size {batch_size}"
+        else:
+            why = f"{n_tasks} leaves {batch_size // n_tasks} image per task for batch size {batch_size} (need >= 2)"
+        raise ValueError(f"{key}: {why}; for batch size {batch_size} (divisors >= {min_tasks} leaving >= 2 images "
+                         f"per task) allowed: {', '.join(map(str, allowed)) or 'none'}")
+
+
+def take(outs: list[dict[str, Tensor]] | None, idx) -> list[dict[str, Tensor]] | None:
+    """The rows ``idx`` of every view's outputs (None stays None: no teacher)."""
+    return None if outs is None else [{k: t[idx] for k, t in o.items()} for o in outs]
 
 
 class SSLNet(nn.Module):
@@ -34,7 +64,11 @@ class SSLNet(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         h = self.backbone(x)
-        out = {"h": h, "z": self.heads["projector"](h)}
+        return {"h": h, **self.head_outputs(h)}
+
+    def head_outputs(self, h: Tensor) -> dict[str, Tensor]:
+        """The heads on features ``h`` (TC² runs them on calibrated features): ``z``, and ``p``, ``s`` if present."""
+        out = {"z": self.heads["projector"](h)}
         if "predictor" in self.heads:
             out["p"] = self.heads["predictor"](out["z"])
         if "prototypes" in self.heads:
@@ -131,6 +165,9 @@ class SingleLevel:
     objective's loss, then backward."""
 
     name = "none"
+    # package modules this method's results depend on beyond the shared training code (the encoder cache's code
+    # fingerprint, bilevel_ssl.cache, reads them along the class hierarchy)
+    code_modules: tuple[str, ...] = ()
 
     def __init__(self, objective: Objective, net: SSLNet, cfg=None):
         self.objective = objective
@@ -206,8 +243,8 @@ class SingleLevel:
         return self
 
 
-# name -> "module:Class", resolved on use (the bi-level methods import the hypergradient engines).  A method's
-# own module enters the encoder cache's code fingerprint only for runs of that method (bilevel_ssl.cache).
+# name -> "module:Class", resolved on use (the bi-level methods import the hypergradient engines).  The modules a
+# method declares (``code_modules``) enter the encoder cache's code fingerprint only for its runs (bilevel_ssl.cache).
 _REGISTRY = {"none": "meta:SingleLevel", "gessl": "gessl:GeSSL", "multitask": "multitask:MultiTask",
              "tc2": "tc2:TC2", "mcr": "mcr:MCR"}
 META_METHODS = tuple(_REGISTRY)

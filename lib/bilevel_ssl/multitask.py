@@ -224,6 +224,7 @@ class MultiTask(SingleLevel):
     """
 
     name = "multitask"
+    code_modules = ("multitask", "conflict")
 
     @classmethod
     def check_config(cls, cfg) -> None:

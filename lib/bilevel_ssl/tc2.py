@@ -22,9 +22,9 @@ What implements which equation:
 
 * :class:`TC2Config` - the options (``meta_args``), validated with the offending key in every message.
 * :func:`make_tasks` - the split into K tasks; :func:`split_views` - support / query views (§Task Construction).
-* :func:`batch_statistics` - S of §Task Conflict Calibration.
-* :class:`FactorNet` (f_v), :class:`WeightNet` (f_w) - the two networks (App. IV: 3-layer MLPs).
-* :func:`orthogonality_loss`, :func:`reconstruction_loss`, :func:`loss_v` (Eq. 1), :func:`loss_w` (Eq. 2),
+* In :mod:`bilevel_ssl.tc2_losses` (re-exported here): :func:`batch_statistics` - S of §Task Conflict
+  Calibration; :class:`FactorNet` (f_v), :class:`WeightNet` (f_w) - the two networks (App. IV: 3-layer MLPs);
+  :func:`orthogonality_loss`, :func:`reconstruction_loss`, :func:`loss_v` (Eq. 1), :func:`loss_w` (Eq. 2),
   :func:`calibrate` (ẑ = f_w(z)Vᵀ), :func:`sse_loss` (our reading of L_sse, see below).
 * :class:`TC2` - the meta-method: the two stages through the engines of :mod:`bilevel_ssl.hypergrad`.
 
@@ -41,10 +41,11 @@ the measurements quoted were made on ``mnistm5k`` with Conv-4):
 * **f_v's architecture.**  "We fed the concatenated matrix into a factor extraction network f_v" with "a
   lightweight three-layer MLP" (App. IV): the MLP reads the flattened S ((d+1)·d inputs) and its d·n_f outputs are
   V.  Its cost is in parameters, not compute (8.5M for d = 256 with ``fv_hidden`` = 64; about 30 MFLOP a step).
-  We first tried the lightweight alternative, one MLP R^{d+1} -> R^{n_f} on each column [μ_i; Σ_{:,i}] of S giving
-  row i of V: on Conv-4 features the columns of S are nearly parallel (ReLU features are strongly correlated), so
-  V started with effective rank 7.9 of 256 (flattened: 206), ĥ = f_w(h)Vᵀ was nearly one-dimensional (L_sse = 0
-  after one step) and the scale-invariant projector's gradients blew ψ up in the first step.  f_v reads S scaled
+  The lighter reading, one shared MLP R^{d+1} -> R^{n_f} on each column [μ_i; Σ_{:,i}] of S giving row i of V,
+  does not work on Conv-4 features: their columns of S are nearly parallel (ReLU features are strongly
+  correlated), so V starts with effective rank 7.9 of 256 (flattened: 206), ĥ = f_w(h)Vᵀ is nearly
+  one-dimensional (L_sse = 0 after one step) and the scale-invariant projector's gradients blow ψ up in the first
+  step.  f_v reads S scaled
   to unit Frobenius norm (see :class:`FactorNet`: with one input per batch the raw S makes the first layer's
   effective step size α‖S‖²).
 * **Statistics.**  S uses the batch mean and the unbiased (N − 1) covariance of all views of all images of the
@@ -80,7 +81,7 @@ the measurements quoted were made on ``mnistm5k`` with Conv-4):
   (Eq. 6); β₂ is the trainer's optimizer and schedule (Eq. 7).  f_v and f_w are updated *inside*
   :meth:`TC2.compute_grads` by plain gradient descent with ``tc_lr`` (the form of Eq. 5), before stage 2, so that
   stage 2 uses the updated f_v, f_w as Algorithm 1 orders it (line 4 before line 5).  They are therefore not in
-  :meth:`TC2.parameters` (the trainer's optimizer never sees them); :meth:`TC2.tc_parameters` lists them.
+  :meth:`TC2.parameters` (the trainer's optimizer never sees them); :meth:`TC2.meta_parameters` lists them.
 * **Bi-level form of Eq. 5.**  "f_v ← f′_v − α₃∇_{f′_v} L̄^q" read literally is a support step followed by a query
   step.  We implement it, like Eq. 7 (which writes ∇_{f_θ}), as the meta-gradient of L̄^q(ψ′(ψ)) w.r.t. the
   initial ψ (the paper calls both stages bi-level); the engine ``first_order`` gives ∇_{ψ′}L̄^q applied to ψ.
@@ -103,25 +104,27 @@ the measurements quoted were made on ``mnistm5k`` with Conv-4):
 * **Ablations** (Table 12, ``variant``): ``no_lv`` / ``no_lw`` / ``no_lv_lw`` drop L_v / L_w / both from
   L_tc² in both stage-1 losses; ``no_bilevel`` evaluates the same support and query losses at the *same*
   parameters and descends their sum (stage 1: ψ ← ψ − α₃∇(L̄^s + L̄^q); stage 2: ∇_θ mean_k(L_ssl^s + L_sse^q)),
-  the one-stage convention of GeSSL's ``joint`` variant.
+  the one-stage convention of GeSSL's ``joint`` variant (both are :class:`bilevel_ssl.bilevel.Joint`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from itertools import combinations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 from torch.profiler import record_function
 
-from .hypergrad import ENGINES, make_engine, set_grads
-from .meta import SingleLevel, SSLNet
+from .bilevel import BiLevelMethod, MetaArgs
+from .hypergrad import set_grads
+from .meta import SSLNet, allowed_n_tasks, check_n_tasks, take
 from .objectives import Objective, Outputs
+from .tc2_losses import (REDUCTIONS, FactorNet, WeightNet, batch_statistics, calibrate, l1_loss, loss_v, loss_w,
+                         orthogonality_loss, reconstruction_loss, sse_loss)
 
 __all__ = [
     "VARIANTS",
@@ -146,8 +149,6 @@ __all__ = [
 
 VARIANTS = ("full", "no_lv", "no_lw", "no_lv_lw", "no_bilevel")
 QUERY_LOSSES = ("sse", "ssl")
-REDUCTIONS = ("mean", "sum")
-ENGINES_SUPPORTED = tuple(e for e in ENGINES if e != "momentum_proxy")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ ENGINES_SUPPORTED = tuple(e for e in ENGINES if e != "momentum_proxy")
 
 
 @dataclass
-class TC2Config:
+class TC2Config(MetaArgs):
     """TC²'s options (``meta_args`` of a TrainConfig).  Paper values where the paper gives one, else ours.
 
     * ``n_tasks`` n_t = K = 4 - App. IV ("we construct four self-supervised tasks"), Table 13.
@@ -192,6 +193,7 @@ class TC2Config:
     reduction: str = "mean"
     sse_normalize: bool = True
 
+    method = "tc2"
     _INTS = {"n_tasks": 1, "n_views": 2, "n_support": 1, "n_f": 0, "inner_steps": 1, "fv_hidden": 1, "fw_hidden": 1}
     _POSITIVE = ("inner_lr", "tc_inner_lr", "tc_lr")
     _CHOICES = {"variant": VARIANTS, "query_loss": QUERY_LOSSES, "reduction": REDUCTIONS}
@@ -227,17 +229,6 @@ class TC2Config:
                              f"needs >= 2 views per image; n_views - n_support = {n_query}; allowed n_views for "
                              f"n_support={self.n_support}: >= {self.n_support + 2}")
 
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_meta_args(cls, meta_args: dict) -> "TC2Config":
-        unknown = sorted(set(meta_args) - set(cls.keys()))
-        if unknown:
-            raise ValueError(f"meta_args: unknown tc2 option(s) {unknown}; allowed: {', '.join(cls.keys())}")
-        return cls(**meta_args)
-
     def factors(self, d: int) -> int:
         """n_f for representations of dimension d (``n_f = 0`` means d)."""
         return d if self.n_f == 0 else self.n_f
@@ -255,18 +246,10 @@ class TC2Config:
 # tasks (§Task Construction)
 
 
-def allowed_n_tasks(batch_size: int) -> list[int]:
-    """Task counts that split ``batch_size`` images into equal tasks of >= 2 images."""
-    return [k for k in range(1, batch_size // 2 + 1) if batch_size % k == 0]
-
-
 def make_tasks(batch_size: int, n_tasks: int) -> Tensor:
     """``(K, n)`` image indices of the K = ``n_tasks`` tasks: row k = task k, contiguous (the trainer already
     shuffles the batch).  Every task needs n >= 2 images (negatives / batch statistics of an SSL loss)."""
-    allowed = allowed_n_tasks(batch_size)
-    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks not in allowed:
-        raise ValueError(f"meta_args.n_tasks: {n_tasks!r} does not split batch_size {batch_size} into equal tasks of "
-                         f">= 2 images; allowed: {', '.join(map(str, allowed)) or 'none'}")
+    check_n_tasks(batch_size, n_tasks, key="meta_args.n_tasks")
     return torch.arange(batch_size).view(n_tasks, batch_size // n_tasks)
 
 
@@ -280,128 +263,7 @@ def split_views(views: list[Tensor], n_support: int) -> tuple[list[Tensor], list
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Eq. 1-3
-
-
-def batch_statistics(z: Tensor) -> Tensor:
-    """S = [μ; Σ] ∈ R^{(d+1)×d}: row 0 the mean of the rows of ``z`` (N, d), rows 1..d their covariance with the
-    unbiased 1/(N−1) normalisation."""
-    if z.dim() != 2 or z.shape[0] < 2:
-        raise ValueError(f"batch_statistics: z must be (N, d) with N >= 2, got {tuple(z.shape)}")
-    mu = z.mean(dim=0, keepdim=True)
-    zc = z - mu
-    return torch.cat([mu, zc.T @ zc / (z.shape[0] - 1)])
-
-
-def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    """App. IV: "a lightweight three-layer MLP, two hidden layers with ReLU activation and an output layer"."""
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, d_out))
-
-
-class FactorNet(nn.Module):
-    """f_v: S = [μ; Σ] ∈ R^{(d+1)×d} -> V ∈ R^{d×n_f}: the 3-layer MLP of App. IV on the flattened S scaled to unit
-    Frobenius norm, its d·n_f outputs read as V row by row (the module docstring says why flattened).
-
-    Why S/‖S‖_F: f_v sees *one* input per batch, so a gradient step on its first layer (ΔW₁ ∝ g·sᵀ) changes its
-    pre-activations by α‖s‖²·g - an effective step size α·‖S‖²_F, about 900·α on Conv-4 features (d = 256): one
-    inner step of Eq. 4 diverged even at α = 0.001.  The map f_v has to learn does not need the scale: the
-    minimisers of Eq. 1 (the top-n_f eigenvectors of the second moment ZᵀZ/N = Σ·(N−1)/N + μᵀμ) are unchanged when
-    Z, hence S, is rescaled."""
-
-    def __init__(self, d: int, n_f: int, hidden: int = 64):
-        super().__init__()
-        self.d, self.n_f = d, n_f
-        self.mlp = _mlp((d + 1) * d, hidden, d * n_f)
-
-    def forward(self, s: Tensor) -> Tensor:
-        if tuple(s.shape) != (self.d + 1, self.d):
-            raise ValueError(f"FactorNet: S must be ({self.d + 1}, {self.d}), got {tuple(s.shape)}")
-        flat = s.reshape(-1)
-        return self.mlp(flat / flat.norm().clamp_min(1e-12)).view(self.d, self.n_f)
-
-
-class WeightNet(nn.Module):
-    """f_w: a representation z ∈ R^d -> its factor weights W = f_w(z) ∈ R^{n_f} (rows of a batch independently)."""
-
-    def __init__(self, d: int, n_f: int, hidden: int = 128):
-        super().__init__()
-        self.d, self.n_f = d, n_f
-        self.mlp = _mlp(d, hidden, n_f)
-
-    def forward(self, z: Tensor) -> Tensor:
-        if z.shape[-1] != self.d:
-            raise ValueError(f"WeightNet: z must be (..., {self.d}), got {tuple(z.shape)}")
-        return self.mlp(z)
-
-
-def calibrate(w: Tensor, v: Tensor) -> Tensor:
-    """ẑ = W Vᵀ: the calibrated representation (§Task Conflict Calibration, question iii); ``w`` (N, n_f),
-    ``v`` (d, n_f) -> (N, d)."""
-    return w @ v.T
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"meta_args.reduction: unknown value {reduction!r}; allowed: {', '.join(REDUCTIONS)}")
-
-
-def _reduce(sq: Tensor, reduction: str) -> Tensor:
-    _check_reduction(reduction)
-    return sq.sum() if reduction == "sum" else sq.mean()
-
-
-def orthogonality_loss(v: Tensor, reduction: str = "mean") -> Tensor:
-    """‖VᵀV − I‖²_F (first term of Eq. 1); ``mean`` divides by n_f²."""
-    eye = torch.eye(v.shape[1], dtype=v.dtype, device=v.device)
-    return _reduce((v.T @ v - eye) ** 2, reduction)
-
-
-def reconstruction_loss(z: Tensor, z_hat: Tensor, reduction: str = "mean") -> Tensor:
-    """‖Z − Ẑ‖²_F (second term of Eq. 1, first of Eq. 2); ``mean`` divides by rows·d."""
-    return _reduce((z - z_hat) ** 2, reduction)
-
-
-def l1_loss(w: Tensor, reduction: str = "mean") -> Tensor:
-    """Σ_j ‖W_j‖₁ (second term of Eq. 2); ``mean`` divides by rows·n_f."""
-    return _reduce(w.abs(), reduction)
-
-
-def loss_v(v: Tensor, z: Tensor, reduction: str = "mean") -> Tensor:
-    """Eq. 1: L_v = ‖VᵀV − I‖²_F + ‖Z − Z V Vᵀ‖²_F, ``z`` the (N, d) representations of the whole batch."""
-    return orthogonality_loss(v, reduction) + reconstruction_loss(z, z @ v @ v.T, reduction)
-
-
-def loss_w(w: Tensor, z: Tensor, v: Tensor, reduction: str = "mean") -> Tensor:
-    """Eq. 2: L_w = Σ_j ‖z_j − W_j Vᵀ‖²₂ + ‖W_j‖₁ with W_j = f_w(z_j) the rows of ``w`` (N, n_f) and ``z`` (N, d),
-    V = ``v`` (d, n_f)."""
-    return reconstruction_loss(z, calibrate(w, v), reduction) + l1_loss(w, reduction)
-
-
-def sse_loss(support: list[Tensor], query: list[Tensor], *, normalize: bool = True, reduction: str = "mean") -> Tensor:
-    """Our reading of L_sse^q (below Eq. 5): Σ_j Σ_{v∈Q} ‖e_{j,v} − c_j‖² with c_j = mean_{v∈S} e_{j,v}, the
-    support prototype of image j, and e = ẑ (L2-normalised with ``normalize``).  ``support`` / ``query``: one
-    (n, d) tensor per view, row j = image j.  ``mean`` averages over the (image, query view) pairs."""
-    if not support or not query:
-        raise ValueError("sse_loss: needs >= 1 support and >= 1 query view")
-    prep = (lambda t: F.normalize(t, dim=-1)) if normalize else (lambda t: t)
-    proto = torch.stack([prep(s) for s in support]).mean(dim=0)
-    err = torch.stack([((prep(q) - proto) ** 2).sum(dim=-1) for q in query])  # (views, n)
-    return _reduce(err, reduction)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # the meta-method
-
-
-def _heads_forward(heads: nn.ModuleDict, h: Tensor) -> dict[str, Tensor]:
-    """The objective's heads on (calibrated) features, as :meth:`bilevel_ssl.meta.SSLNet.forward` runs them."""
-    out = {"z": heads["projector"](h)}
-    if "predictor" in heads:
-        out["p"] = heads["predictor"](out["z"])
-    if "prototypes" in heads:
-        out["s"] = heads["prototypes"](F.normalize(out["z"], dim=1))
-    return out
 
 
 class _Calibrated(nn.Module):
@@ -417,7 +279,7 @@ class _Calibrated(nn.Module):
         h = x if from_features else self.net.backbone(x)
         w = self.f_w(h)
         hc = calibrate(w, v)
-        out = _heads_forward(self.net.heads, hc) if heads else {}
+        out = self.net.head_outputs(hc) if heads else {}
         return {"h": h, "w": w, "hc": hc, **out}
 
 
@@ -426,15 +288,11 @@ def _views(out: dict[str, Tensor], n: int) -> Outputs:
     return [{k: parts[k][i] for k in parts} for i in range(n)]
 
 
-def _take(outs: Outputs | None, sl) -> Outputs | None:
-    return None if outs is None else [{k: t[sl] for k, t in o.items()} for o in outs]
-
-
 def _finite(xs) -> bool:
     return all(bool(torch.isfinite(x).all()) for x in xs)
 
 
-class TC2(SingleLevel):
+class TC2(BiLevelMethod):
     """TC²'s two-stage bi-level step around any two-view base objective (``meta: tc2`` in a TrainConfig).
 
     One step on a batch of B images with m views each (the trainer makes ``n_views = m``):
@@ -453,19 +311,16 @@ class TC2(SingleLevel):
     """
 
     name = "tc2"
+    options = TC2Config
+    one_stage_variant = "no_bilevel"
+    unsupported_engines = {"momentum_proxy": "momentum_proxy keeps one EMA copy of its parameters between calls; TC² "
+                                             "calls the engine for f_v/f_w and for every task"}
+    trainer_updates = False  # ψ = f_v, f_w: updated inside the step (stage 1)
+    code_modules = ("tc2", "tc2_losses")
 
     @classmethod
-    def check_config(cls, cfg) -> None:
-        opts = TC2Config.from_meta_args(dict(cfg.meta_args))
+    def _check(cls, cfg, opts: TC2Config) -> None:
         make_tasks(cfg.batch_size, opts.n_tasks)
-        if cfg.hypergrad not in ENGINES_SUPPORTED:
-            raise ValueError(f"hypergrad: tc2 does not support {cfg.hypergrad!r} (momentum_proxy keeps one EMA copy "
-                             f"of its parameters between calls; TC² calls the engine for f_v/f_w and for every task); "
-                             f"allowed: {', '.join(ENGINES_SUPPORTED)}")
-        try:
-            make_engine(cfg.hypergrad, **cfg.hypergrad_args)
-        except ValueError as err:
-            raise ValueError(f"hypergrad_args: {err}") from None
         from .objectives import OBJECTIVES, objective_class
 
         two_view = [o for o in OBJECTIVES if objective_class(o).n_views == 2]
@@ -475,53 +330,24 @@ class TC2(SingleLevel):
                              f"not implemented); allowed: {', '.join(two_view)}")
 
     def __init__(self, objective: Objective, net: SSLNet, cfg):
-        super().__init__(objective, net)
-        self.cfg = TC2Config.from_meta_args(dict(cfg.meta_args))
-        self.engine = make_engine(cfg.hypergrad, **cfg.hypergrad_args)
+        super().__init__(objective, net, cfg)
         d = net.backbone.feature_dim
         self.d, self.n_f = d, self.cfg.factors(d)
-        self.f_v = FactorNet(d, self.n_f, self.cfg.fv_hidden)
-        self.f_w = WeightNet(d, self.n_f, self.cfg.fw_hidden)
+        self.own("f_v", FactorNet(d, self.n_f, self.cfg.fv_hidden))
+        self.own("f_w", WeightNet(d, self.n_f, self.cfg.fw_hidden))
         self._wrap = _Calibrated(net, self.f_w)
         self._twrap = _Calibrated(self.teacher.net, self.f_w) if self.teacher is not None else None
-        self._net_names = [n for n, _ in net.named_parameters()]
-        self._fv_names = [n for n, _ in self.f_v.named_parameters()]
-        self._fw_names = [n for n, _ in self.f_w.named_parameters()]
 
-    # ----------------------------------------------------------------------------------------------- plumbing
     @property
     def n_views(self) -> int:
         return self.cfg.n_views
-
-    def tc_parameters(self) -> list[nn.Parameter]:
-        """ψ = the parameters of f_v and f_w (updated inside :meth:`compute_grads`, not by the trainer)."""
-        return [*self.f_v.parameters(), *self.f_w.parameters()]
-
-    def to(self, device) -> "TC2":
-        super().to(device)
-        self.f_v.to(device)
-        self.f_w.to(device)
-        return self
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["f_v"], state["f_w"] = self.f_v.state_dict(), self.f_w.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.f_v.load_state_dict(state["f_v"])
-        self.f_w.load_state_dict(state["f_w"])
-
-    def _buffers(self, net: nn.Module) -> dict[str, Tensor]:
-        return {f"net.{k}": b.clone() for k, b in net.named_buffers()}
 
     def _pairs(self, outs: Outputs, t_outs: Outputs | None, tasks: Tensor) -> Tensor:
         """mean over tasks of (mean over the view pairs of the two-view objective on that task's images)."""
         losses = []
         for idx in tasks:
             sl = slice(int(idx[0]), int(idx[-1]) + 1)
-            o, t = _take(outs, sl), _take(t_outs, sl)
+            o, t = take(outs, sl), take(t_outs, sl)
             for a, b in combinations(range(len(o)), 2):
                 losses.append(self.objective.loss([o[a], o[b]], None if t is None else [t[a], t[b]]))
         return torch.stack(losses).mean()
@@ -555,14 +381,14 @@ class TC2(SingleLevel):
     def _stage1_losses(self, net: SSLNet, h_sup: list[Tensor], h_que: list[Tensor], s: Tensor,
                        t_sup: Outputs | None, t_que: Outputs | None, tasks: Tensor):
         """L̄^s(ψ) (Eq. 4) and L̄^q(ψ) (Eq. 5) as closures over ψ = f_v + f_w parameters; θ fixed (detached)."""
-        n_fv = len(self._fv_names)
-        fixed = {f"net.{n}": p.detach() for n, p in net.named_parameters()}
+        theta0 = [p.detach() for _, p in net.named_parameters()]
         z_all = torch.cat(h_sup + h_que)
         stash: dict = {}
 
         def run(psi, hs, heads):
-            v = functional_call(self.f_v, dict(zip(self._fv_names, psi[:n_fv])), (s,))
-            tensors = {**fixed, **self._buffers(net), **{f"f_w.{n}": t for n, t in zip(self._fw_names, psi[n_fv:])}}
+            v = self._call("f_v", psi, s)
+            fw = {f"f_w.{n}": t for n, t in self._split(psi)["f_w"].items()}
+            tensors = {**self._net_tensors(net, theta0, prefix="net."), **fw}
             out = functional_call(self._wrap, tensors, (torch.cat(hs), v), {"from_features": True, "heads": heads})
             return v, _views(out, len(hs))
 
@@ -597,7 +423,7 @@ class TC2(SingleLevel):
         stash: dict = {}
 
         def run(theta, xs, heads):
-            tensors = {**dict(zip((f"net.{n}" for n in self._net_names), theta)), **self._buffers(net), **fw}
+            tensors = {**self._net_tensors(net, theta, prefix="net."), **fw}
             return _views(functional_call(self._wrap, tensors, (torch.cat(xs), v), {"heads": heads}), len(xs))
 
         def support_loss(theta, _phi):
@@ -614,13 +440,6 @@ class TC2(SingleLevel):
         return support_loss, query_loss, stash
 
     # ---------------------------------------------------------------------------------------------- the step
-    def compute_grads(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
-        # Second derivatives through attention need the math kernel (ViT backbones), as in GeSSL.
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel(SDPBackend.MATH):
-            return self._compute_grads(net, views)
-
     def _reduce_across_ranks(self, psi: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """torchrun: the mean of ψ's stage-1 gradient over ranks, so that every rank applies the same f_v, f_w
         update (the trainer all-reduces only the optimizer's parameters).  Done before the finiteness check: a
@@ -644,7 +463,7 @@ class TC2(SingleLevel):
             return None
         return _views(self._twrap(h_t, self.f_v(s_t), from_features=True), m)
 
-    def _compute_grads(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
+    def _step(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:
         c, m, ms = self.cfg, len(views), self.cfg.n_support
         if m != c.n_views:
             raise ValueError(f"tc2: expected {c.n_views} views per image (meta_args.n_views), got {m}")
@@ -667,24 +486,16 @@ class TC2(SingleLevel):
 
         # 1. stage 1: f_v, f_w
         with record_function("tc2.stage1_psi"):
-            psi = self.tc_parameters()
+            psi = self.meta_parameters()
             t_sup, t_que = (None, None) if teacher_old is None else (teacher_old[:ms], teacher_old[ms:])
             sup1, que1, stash1 = self._stage1_losses(net, hs[:ms], hs[ms:], s, t_sup, t_que, tasks)
-            if c.variant == "no_bilevel":
-                leaves = [p.detach().requires_grad_(True) for p in psi]
-                q = que1(leaves, [])
-                total = sup1(leaves, []) + q
-                psi_grads = list(torch.autograd.grad(total, leaves, allow_unused=True))
-                psi_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(psi, psi_grads)]
-                tc_query = float(q.detach())
-            else:
-                hg = self.engine(sup1, que1, psi, [], inner_lr=c.tc_inner_lr, inner_steps=c.inner_steps)
-                psi_grads, tc_query = hg.theta_grads, hg.logs["outer_loss"]
+            hg = self._hypergradient(sup1, que1, psi, [], inner_lr=c.tc_inner_lr, inner_steps=c.inner_steps)
+            psi_grads, tc_query = hg.theta_grads, hg.logs["outer_loss"]
             if self.dist is not None:
                 psi_grads = self._reduce_across_ranks(psi, psi_grads)
             logs = {"tc_support": stash1.get("tc_ssl", float("nan")), "tc_query": tc_query,
                     **{k: stash1[k] for k in ("l_v", "l_w", "orth", "l1") if k in stash1},
-                    "psi_grad_norm": float(torch.sqrt(sum((g.detach().double() ** 2).sum() for g in psi_grads)))}
+                    "psi_grad_norm": self._grad_norm(psi_grads)}
             if not (_finite(psi_grads) and all(math.isfinite(x) for x in logs.values())):
                 logs["loss"] = float("nan")  # the trainer stops before any update; ψ is left as it was
                 return logs
@@ -702,24 +513,17 @@ class TC2(SingleLevel):
             inner_ssl, outer = [], []
             for idx in tasks:
                 sl = slice(int(idx[0]), int(idx[-1]) + 1)
-                t_k = _take(teacher_new, sl)
+                t_k = take(teacher_new, sl)
                 sup2, que2, stash2 = self._stage2_losses(
                     net, [x[sl] for x in views[:ms]], [x[sl] for x in views[ms:]], v_new,
                     None if t_k is None else t_k[:ms], None if t_k is None else t_k[ms:])
-                if c.variant == "no_bilevel":
-                    leaves = [p.detach().requires_grad_(True) for p in theta]
-                    q = que2(leaves, [])
-                    g_k = torch.autograd.grad(sup2(leaves, []) + q, leaves, allow_unused=True)
-                    g_k = [torch.zeros_like(p) if g is None else g for p, g in zip(theta, g_k)]
-                    outer.append(float(q.detach()))
-                else:
-                    hg = self.engine(sup2, que2, theta, [], inner_lr=c.inner_lr, inner_steps=c.inner_steps)
-                    g_k = hg.theta_grads
-                    outer.append(hg.logs["outer_loss"])
+                hg = self._hypergradient(sup2, que2, theta, [], inner_lr=c.inner_lr, inner_steps=c.inner_steps)
+                g_k = hg.theta_grads
+                outer.append(hg.logs["outer_loss"])
                 inner_ssl.append(stash2.get("inner_ssl", float("nan")))
                 for acc, g in zip(grads, g_k):
                     acc.add_(g.detach(), alpha=1.0 / len(tasks))
             set_grads(theta, grads)
         logs.update(loss=sum(outer) / len(outer), inner_ssl=sum(inner_ssl) / len(inner_ssl))
-        self._last = ([{k: t.detach() for k, t in o.items()} for o in student0], teacher_old)
+        self._remember(student0, teacher_old)
         return logs
