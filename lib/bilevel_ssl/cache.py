@@ -43,7 +43,8 @@ from .trainer import CHECKPOINT, ENCODER, TrainResult, build_net, train
 # modules (dotted names below the package; a package's name covers its submodules) whose code cannot change what
 # training produces - unless a meta-method declares one in its ``code_modules``
 NEUTRAL_MODULES = frozenset({"__init__", "bench", "cache", "data", "evaluate", "paths", "plots", "report",
-                             "reproduce", "semisup", "universality", "index", "experiments", "conflict", "bissl"})
+                             "reproduce", "semisup", "universality", "index", "experiments", "conflict", "bissl",
+                             "claims", "runtime"})
 
 
 def cache_root() -> Path:
