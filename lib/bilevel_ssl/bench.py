@@ -24,10 +24,14 @@ Cases of methods not yet in the library are simply absent; new meta-methods add 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
+import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +48,43 @@ from .trainer import build_net, build_optimizer, train_step
 TARGETS = {"gessl_second_order": 3.5, "gessl_first_order": 2.2}
 AUGMENT_TARGET = 0.05
 BISSL_TARGET = 1.2  # a BiSSL upper step costs at most 1.2x the N_c Hessian-vector products it needs
+
+# What torch.profiler's C++ side (Kineto, c10) writes straight to file descriptor 2 on a CPU-only machine, one line
+# each: Kineto's trace markers ("USDT:... profiler_start" / "profiler_stop"), c10's "[W... CPUAllocator.cpp:...]
+# Memory block of unknown size was allocated before the profiling started" and Kineto's CUDA probe
+# ("ERROR:... gpuGetDeviceCount failed with code 35").  None of it concerns the measurement.
+PROFILER_NOISE = re.compile(r"USDT:|SyncActivityProfilerHandler|CPUAllocator\.cpp|allocated before the profiling "
+                            r"started|gpuGetDeviceCount|DeviceProperties\.cpp|CuptiActivityProfiler|"
+                            r"ActivityProfilerController")
+
+
+@contextlib.contextmanager
+def quiet_profiler():
+    """Run a :mod:`torch.profiler` block without its C++ console noise (:data:`PROFILER_NOISE`) between the
+    progress bars: file descriptor 2 goes to a temporary file for the block, and afterwards every line that is not
+    profiler noise is written back to ``sys.stderr`` (so a real error message of the block is not lost).  Where
+    descriptor 2 cannot be redirected (no such descriptor), the block runs as it is."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # pragma: no cover - no descriptor 2 to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines = tmp.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not PROFILER_NOISE.search(line))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
 
 
 def cases() -> dict[str, dict]:
@@ -76,8 +117,8 @@ def _cpu_peak_mb(step) -> float:
     try:
         from torch.profiler._memory_profiler import Action
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                     with_stack=True) as prof:
+        with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                                       with_stack=True) as prof:
             step()
         live = peak = 0
         for _, action, _, size in prof._memory_profile().timeline:
@@ -228,7 +269,7 @@ def profile_case(name: str, *, batch: int = 256, steps: int = 3, device: str = "
     cfg, dev, net, meta, opt, images, aug, gen = _named_case(name, "profile", batch, device)
     train_step(net, meta, opt, images, aug, gen)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with quiet_profiler(), profile(activities=activities) as prof:
         for _ in range(steps):
             train_step(net, meta, opt, images, aug, gen)
     key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
@@ -253,7 +294,7 @@ def stage_times(name: str, *, batch: int = 256, steps: int = 5, warmup: int = 2,
     for _ in range(warmup):
         one_step()
     prefix = f"{cfg.meta}."
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU]) as prof:
         times = _timed(one_step, steps, dev)
     step_s = statistics.median(times)
     stages = {}
