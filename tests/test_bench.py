@@ -26,9 +26,11 @@ def test_new_method_cases_run_and_bissl_reports_its_steps():
         "simclr": 2, "multitask_pcgrad": 2, "tc2_first_order": 4, "mcr_second_order": 2}
     b = record["bissl"]
     assert b["cg_iters"] == 5 and b["upper_over_hvps"] == pytest.approx(b["upper_s"] / b["hvps_s"])
+    assert b["check_over_upper"] == pytest.approx(b["upper_checked_s"] / b["upper_s"] - 1)
     assert b["lower_ratio"] == pytest.approx(b["lower_s"] / record["cases"]["simclr"]["median_s"])
     assert record["targets"]["bissl_upper_over_hvps"]["target"] == 1.2
     assert "| BiSSL upper step (5 CG iterations;" in bench.table(record)
+    assert "| BiSSL upper step + CG residual check (+" in bench.table(record)
     json.dumps(record)
 
 

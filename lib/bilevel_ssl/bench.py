@@ -212,8 +212,13 @@ def bench_bissl(*, batch: int = 256, steps: int = 10, warmup: int = 3, device: s
     on random images, SimCLR pretext, Conv-4: median time of a lower step (pretext loss + proximal term), of
     building the Hessian operator on one pretext batch (``hvp_setup``: the forward and the gradient kept for
     differentiation, once per alternation), of one upper step (downstream gradients + CG solve + update), and of
-    the N_c HVPs alone; ``upper_over_hvps`` = upper step / N_c HVPs (issue #11 target ≤ 1.2)."""
-    from .bissl import BiSSLConfig, BiSSLStage, DownstreamHead, PretextModel
+    the N_c HVPs alone; ``upper_over_hvps`` = upper step / N_c HVPs (issue #11 target ≤ 1.2).  ``upper_checked_s``:
+    the upper step as :meth:`~bilevel_ssl.bissl.BiSSLStage.alternation` runs it, with the residual check of issue #24
+    (layer-wise CG: one more HVP; ``check_over_upper`` = its share of the step).  A bad residual's warning is not
+    printed here (random data; the bench measures time)."""
+    import warnings
+
+    from .bissl import BiSSLConfig, BiSSLStage, CGResidualWarning, DownstreamHead, PretextModel
     from .data import ImageSet
     from .meta import SingleLevel
 
@@ -241,6 +246,10 @@ def bench_bissl(*, batch: int = 256, steps: int = 10, warmup: int = 3, device: s
     setup_and_one = timed(lambda: stage.pretext_hessian(views).hvp(v))
     H = stage.pretext_hessian(views)
     out["upper_s"] = timed(lambda: stage.upper_step(x, y, H))  # moves θ_D and the head only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CGResidualWarning)
+        out["upper_checked_s"] = timed(lambda: stage.upper_step(x, y, H, residual=True))
+    out["check_over_upper"] = out["upper_checked_s"] / out["upper_s"] - 1.0
     out["hvps_s"] = timed(lambda: [H.hvp(v) for _ in range(bcfg.cg_iters)])
     out["hvp_setup_s"] = setup_and_one - out["hvps_s"] / bcfg.cg_iters
     out["cg_iters"] = bcfg.cg_iters
@@ -362,6 +371,9 @@ def table(record: dict) -> str:
         lines.append(f"| BiSSL lower step | 2 | {b['lower_s']:.3f} | {b['lower_ratio']:.2f} | | |")
         lines.append(f"| BiSSL upper step ({b['cg_iters']} CG iterations; {b['upper_over_hvps']:.2f}x its HVPs) | | "
                      f"{b['upper_s']:.3f} | {b['upper_ratio']:.2f} | | |")
+        lines.append(f"| BiSSL upper step + CG residual check (+{100 * b['check_over_upper']:.0f}%) | | "
+                     f"{b['upper_checked_s']:.3f} | {b['upper_checked_s'] / record['cases']['simclr']['median_s']:.2f} "
+                     f"| | |")
     return "\n".join(lines)
 
 
