@@ -93,13 +93,20 @@ class BiSSLConfig:
       raises :class:`~bilevel_ssl.bissl.implicit.CGResidualError` before the optimizer step, ``global`` re-solves
       that step with global CG (same ``cg_iters``; N_c more HVPs, only on the steps that need it) and warns once if
       that is still above the threshold (with ``cg_layerwise: false`` it is ``warn``).  Why the defaults keep the
-      reference's layer-wise CG and only warn: they reproduce the authors' algorithm, but layer-wise CG is exact only
-      for a block-diagonal Hessian and need not converge otherwise (measured: relative error 4e-3 after 5 and 3e-2
-      after 400 iterations on a positive-definite operator that global CG solves to 1e-15), and at λ_damp = 10 the
-      operator I + H/(λ + λ_damp) can be indefinite (a small Conv-4's lowest Hessian eigenvalue −1404 at the start,
-      −78 after 30 lower steps; residuals 1.6-22): then the reference's implicit gradient is not what Eq. 7 asks
-      for, and the user is told.  Cost: the true residual of layer-wise CG needs one more HVP per upper step (its
-      recursive residual is not b − A x); global CG's own residual is free.
+      reference's layer-wise CG (reference-facts, "BiSSL": layer-wise is the authors' default) and only warn: they
+      reproduce the authors' algorithm, but layer-wise CG is exact only for a block-diagonal Hessian and need not
+      converge otherwise, and at λ_damp = 10 the operator I + H/(λ + λ_damp) can be indefinite, where no CG is
+      guaranteed anything - then the implicit gradient is not what Eq. 7 asks for, and the user must be told.
+      Measured (issue #24): layer-wise relative error 4e-3 after 5 and 3e-2 after 400 iterations on a
+      positive-definite operator that global CG solves to 1e-15; a small network's lowest Hessian eigenvalue −1404
+      at the start, −78 after 30 lower steps, residuals 1.6-22.  On the tests' float64 Conv-4 (width 2,
+      ``tests/test_bissl.py``): Hessian eigenvalues in [−280, 462], so A is indefinite at λ_damp = 10 (5 layer-wise
+      iterations: residual 294); at λ_damp = 1000 (A's spectrum in [0.72, 1.46]) layer-wise CG stalls at residual
+      1.25e-3 (5 to 400 iterations) where global CG reaches 8e-13 in 12.  The default threshold 0.5 flags a solve
+      that leaves more than half of ‖v‖ unexplained (v_IG = 0 leaves all of it).  Cost: the true residual of
+      layer-wise CG needs one more HVP per upper step (its recursive residual is not b − A x): +1/N_c of the CG
+      solve, measured +19% of an upper step (``python -m bilevel_ssl.bench``'s ``check_over_upper``, 64 images,
+      N_c = 5); global CG's own residual is free.
     * ``direct_weight`` γ = 1 (reference, later versions), ``clip_norm`` = 10 at both levels (§4.2.2; 0 disables).
     * ``hvp_batch_size``: images of the one pretext batch per alternation on which the HVPs are taken; ``None`` = the
       lower batch size (reference).  A smaller batch is a CPU-cost deviation (an HVP costs ~5 lower steps here).
