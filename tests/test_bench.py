@@ -26,9 +26,11 @@ def test_new_method_cases_run_and_bissl_reports_its_steps():
         "simclr": 2, "multitask_pcgrad": 2, "tc2_first_order": 4, "mcr_second_order": 2}
     b = record["bissl"]
     assert b["cg_iters"] == 5 and b["upper_over_hvps"] == pytest.approx(b["upper_s"] / b["hvps_s"])
+    assert b["check_over_upper"] == pytest.approx(b["upper_checked_s"] / b["upper_s"] - 1)
     assert b["lower_ratio"] == pytest.approx(b["lower_s"] / record["cases"]["simclr"]["median_s"])
     assert record["targets"]["bissl_upper_over_hvps"]["target"] == 1.2
     assert "| BiSSL upper step (5 CG iterations;" in bench.table(record)
+    assert "| BiSSL upper step + CG residual check (+" in bench.table(record)
     json.dumps(record)
 
 
@@ -78,3 +80,37 @@ def test_allocator_tuning_is_opt_in(monkeypatch):
     assert tune_cpu_allocator() is False
     monkeypatch.setenv(ENV, "default")
     assert tune_cpu_allocator() is False
+
+
+NOISE = ("USDT:", "CPUAllocator", "gpuGetDeviceCount", "profiler_start", "profiler_stop")
+
+
+def test_cli_prints_json_and_table_without_profiler_noise():
+    """The CLI on one tiny case, as a user runs it (its own process, so the profiler starts from scratch there):
+    stdout is the JSON record, stderr the progress bar and the table, and none of Kineto's / c10's lines."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(bench.__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "bilevel_ssl.bench", "--cases", "simclr", "--batch", "8",
+                          "--steps", "1", "--warmup", "0", "--no-bissl", "--threads", "1"],
+                         capture_output=True, text=True, env=env, timeout=300, check=True)
+    record = json.loads(out.stdout)
+    assert list(record["cases"]) == ["simclr"] and record["cases"]["simclr"]["peak_mem_mb"] > 0  # profiled
+    assert "| simclr | 2 |" in out.stderr
+    assert not [p for p in NOISE if p in out.stderr], out.stderr
+
+
+def test_quiet_profiler_drops_only_the_profiler_lines(capfd):
+    import os
+
+    with bench.quiet_profiler():
+        os.write(2, b"USDT:2026-12-04 15:31:04 1:1 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
+        os.write(2, b"ERROR:2026-12-04 15:31:04 1:1 DeviceProperties.cpp:56] gpuGetDeviceCount failed with code 35\n")
+        os.write(2, b"a real error of the profiled step\n")
+    assert bench.profile_case("simclr", batch=8, steps=1, row_limit=3)  # the --profile table, also quiet
+    err = capfd.readouterr().err
+    assert "a real error of the profiled step" in err
+    assert not [p for p in NOISE if p in err], err

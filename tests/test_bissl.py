@@ -14,8 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import warnings
+
 from bilevel_ssl.bissl import (
     BatchStack,
+    CGResidualError,
+    CGResidualWarning,
+    cg_solve,
     BiSSLConfig,
     BiSSLStage,
     DownstreamHead,
@@ -39,7 +44,7 @@ from bilevel_ssl.bissl import (
 )
 from bilevel_ssl.config import TrainConfig
 from bilevel_ssl.data import ImageSet
-from bilevel_ssl.hypergrad import InnerHessian
+from bilevel_ssl.hypergrad import InnerHessian, conjugate_gradient
 from bilevel_ssl.meta import SingleLevel
 from bilevel_ssl.trainer import build_net
 
@@ -451,6 +456,9 @@ def test_baseline_sees_the_same_pretext_steps():
     ({"teacher_momentum": 1.5}, "bissl.teacher_momentum"),
     ({"clip_norm": float("nan")}, "bissl.clip_norm: must be finite"),
     ({"hvp_batch_size": 1}, "bissl.hvp_batch_size"),
+    ({"cg_on_residual": "ignore"}, "bissl.cg_on_residual: unknown value 'ignore'; allowed: warn, stop, global"),
+    ({"cg_max_residual": 0.0}, "bissl.cg_max_residual: must be > 0"),
+    ({"cg_max_residual": "0.5"}, "bissl.cg_max_residual: must be a number"),
 ])
 def test_config_errors_name_the_key(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -564,3 +572,114 @@ def test_cuda_requested_without_gpu_names_the_bissl_key(monkeypatch):
     with pytest.raises(ValueError, match="bissl.device: 'cuda' was asked for .* allowed here: cpu, auto"):
         BiSSLConfig(device="cuda").resolved_device()
     assert BiSSLConfig(device="auto").resolved_device() == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# issue #24: the CG residual of every upper step is measured, logged and acted on (cg_max_residual, cg_on_residual)
+
+
+def test_cg_solve_is_hypergrads_cg_and_its_own_residual_is_exact_only_for_global_cg():
+    """:func:`cg_solve` (BiSSL's CG, which also returns CG's recursive residual) gives the x of
+    hypergrad.conjugate_gradient bit for bit; its residual is b − A x (up to rounding) for global CG, not for
+    layer-wise CG on a coupled operator - which is why the layer-wise residual costs one more HVP."""
+    g = torch.Generator().manual_seed(21)
+    A = spd(7, 0.5, 4.0, g)
+    b = split(torch.randn(7, generator=g, dtype=DT))
+    mv = lambda vs: split(A @ flat(vs))
+    for layerwise in (True, False):
+        for iters in (1, 3, 6):
+            x, r = cg_solve(mv, b, iters, layerwise)
+            want = conjugate_gradient(mv, b, iters=iters, damping=0.0, layerwise=layerwise)
+            assert all(torch.equal(a, w) for a, w in zip(x, want)), (layerwise, iters)
+            true_r = flat(b) - A @ flat(x)
+            if not layerwise:
+                torch.testing.assert_close(flat(r), true_r, atol=1e-12, rtol=0)
+            elif iters > 1:
+                assert (flat(r) - true_r).norm() > 1e-6 * true_r.norm()
+
+
+def _upper_step_on_dense_hessian(cfg_kw):
+    """One upper step of a float64 tiny stage with SGD lr 1 and γ = 0 (no momentum, weight decay or clipping), so that
+    θ_D moves by exactly −v_IG; with the explicit Hessian Hx and v = ∇_θ L_D(θ_P, ϕ_D)."""
+    stage, _ = tiny_stage({"downstream_lr": 1.0, "downstream_momentum": 0.0, "downstream_weight_decay": 0.0,
+                           "clip_norm": 0.0, "direct_weight": 0.0, **cfg_kw})
+    views = fixed_views()
+    Hx, _ = explicit_pretext_hessian(stage, views)
+    H = stage.pretext_hessian(views)
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(12), dtype=DT)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    bbP, head = copy.deepcopy(stage.net.backbone), copy.deepcopy(stage.head)
+    v = flat(torch.autograd.grad(F.cross_entropy(head(bbP(x)), y), list(bbP.parameters())))
+    before = flat([p.detach().clone() for p in stage.theta_D])
+    logs = stage.upper_step(x, y, H, residual=True)
+    v_ig = before - flat([p.detach() for p in stage.theta_D])
+    A = torch.eye(len(v), dtype=DT) + Hx / (stage.cfg.lam + stage.cfg.cg_damping)
+    return stage, logs, v, v_ig, A
+
+
+@pytest.mark.parametrize("layerwise, damping, iters", [(True, 10.0, 3), (False, 10.0, 3), (False, 1000.0, 5)])
+def test_logged_cg_residual_is_the_true_residual(layerwise, damping, iters):
+    """The residual logged for an upper step (``cg_log`` and the step's ``cg_residual``) is ‖v − A v_IG‖/‖v‖ of the
+    v_IG the step used, A = I + H/(λ + λ_damp) from the dense Hessian: layer-wise by one more HVP, global from CG's
+    own recurrence (no HVP).  At λ_damp = 10 this tiny net's A is indefinite (Hessian eigenvalues down to −280)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CGResidualWarning)
+        stage, logs, v, v_ig, A = _upper_step_on_dense_hessian({"cg_layerwise": layerwise, "cg_damping": damping,
+                                                                "cg_iters": iters})
+    true = float((v - A @ v_ig).norm() / v.norm())
+    assert logs["cg_residual"] == pytest.approx(true, rel=1e-9, abs=1e-12)
+    assert stage.cg_log == [{"alternation": 1, "upper_step": 1, "cg_residual": logs["cg_residual"],
+                             "cg_residual_layerwise": logs["cg_residual"] if layerwise else pytest.approx(math.nan,
+                                                                                                          nan_ok=True),
+                             "cg_solver": "layerwise" if layerwise else "global"}]
+
+
+def test_global_fallback_reaches_the_global_cg_answer():
+    """``cg_on_residual: global``: on a well-conditioned SPD operator (λ_damp = 1000: A's spectrum in [0.72, 1.47])
+    layer-wise CG stalls at a residual ~1e-3 (12 iterations; no better after 400), above ``cg_max_residual``, so the
+    step re-solves with global CG, whose v_IG is the exact solution and the same as a ``cg_layerwise: false`` run's."""
+    kw = {"cg_damping": 1000.0, "cg_iters": 12, "cg_max_residual": 1e-6}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CGResidualWarning)  # the fallback solved it: nothing to warn about
+        stage, logs, v, v_ig, A = _upper_step_on_dense_hessian({**kw, "cg_on_residual": "global"})
+    rec = stage.cg_log[-1]
+    assert rec["cg_solver"] == "global_fallback" and rec["cg_residual_layerwise"] > 1e-4
+    assert rec["cg_residual"] == logs["cg_residual"] < 1e-9
+    exact = torch.linalg.solve(A, v)
+    assert float((v_ig - exact).norm() / exact.norm()) < 1e-8
+    _, _, _, v_ig_global, _ = _upper_step_on_dense_hessian({**kw, "cg_layerwise": False})
+    torch.testing.assert_close(v_ig, v_ig_global, atol=1e-14, rtol=0)
+
+
+def test_stop_raises_before_the_optimizer_step():
+    stage, _ = tiny_stage({"cg_iters": 1, "cg_on_residual": "stop"})
+    theta_D = [p.detach().clone() for p in stage.theta_D]
+    head = [p.detach().clone() for p in stage.head.parameters()]
+    H = stage.pretext_hessian(fixed_views())
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(12), dtype=DT)
+    with pytest.raises(CGResidualError, match=r"relative residual .* > bissl\.cg_max_residual = 0\.5.*"
+                                              r"bissl\.cg_on_residual: stop.*bissl\.cg_layerwise: false"):
+        stage.upper_step(x, torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), H, residual=True)
+    assert all(torch.equal(a, p) for a, p in zip(theta_D, stage.theta_D))
+    assert all(torch.equal(a, p) for a, p in zip(head, stage.head.parameters()))
+    assert stage.upper_steps_done == 0 and stage.cg_log[0]["cg_residual"] > 0.5
+
+
+def test_bad_residual_warns_once_per_run_and_every_upper_step_is_logged():
+    """Default ``cg_on_residual: warn``: a run whose residuals are above the threshold warns exactly once, naming
+    BiSSL's CG, the residual and the keys that fix it; ``cg_log`` has one record per upper step, and the history's
+    ``cg_residual`` is that of each alternation's last upper step."""
+    with pytest.warns(CGResidualWarning) as caught:
+        _, _, res = tiny_run(cg_max_residual=1e-12)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, CGResidualWarning)]
+    assert len(msgs) == 1, msgs
+    for needle in ("BiSSL's CG (layer-wise, bissl.cg_iters = 5, bissl.cg_damping = 10)", "relative residual",
+                   "bissl.cg_max_residual = 1e-12", "bissl.cg_layerwise: false", "more bissl.cg_iters",
+                   "larger bissl.cg_damping", "BiSSLResult.cg_log"):
+        assert needle in msgs[0], needle
+    assert [(r["alternation"], r["upper_step"]) for r in res.cg_log] == [(1, 1), (1, 2), (2, 3), (2, 4)]
+    assert all(r["cg_residual"] > 1e-12 and r["cg_solver"] == "layerwise" for r in res.cg_log)
+    assert [h["cg_residual"] for h in res.history] == [res.cg_log[1]["cg_residual"], res.cg_log[3]["cg_residual"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CGResidualWarning)
+        tiny_run(cg_max_residual=1e12)  # below the threshold: silent

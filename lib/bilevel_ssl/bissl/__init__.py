@@ -37,7 +37,10 @@ Choices where the paper is silent or ambiguous (each documented where it is made
   is called with damping 0 on the matvec built here (:func:`ig_matvec`).
 * **Layer-wise CG** (``cg_layerwise``, the reference's default): one α, β per parameter tensor.  It is exact CG on
   a block-diagonal operator, a heuristic otherwise: on a coupled operator it need not converge at all
-  (``tests/test_bissl.py`` shows both); the relative residual is logged per alternation.
+  (``tests/test_bissl.py`` shows both).  So every upper step measures the relative residual of its solve
+  (:attr:`BiSSLResult.cg_log`; layer-wise: one more HVP) and acts on one above ``cg_max_residual`` (0.5) by
+  ``cg_on_residual``: ``warn`` once per run (default), ``stop``, or ``global`` (re-solve that step with global CG);
+  see :class:`BiSSLConfig` for why the defaults keep the reference's CG and only warn.
 * **HVPs** over the lower model's *backbone* parameters only, by double backward (reference code), with the pretext
   heads (and a BYOL target) held fixed; one pretext batch per alternation serves every HVP of that upper phase
   (θ_P does not move during the upper phase, so one gradient graph is built per alternation).
@@ -69,9 +72,18 @@ check), :mod:`.data` (pretext set and downstream tasks).  Shared helpers live in
 
 from ..data import BatchStack
 from ..evaluate import feature_normalizer, reestimate_bn
-from .config import OBJECTIVES_OK, BiSSLConfig, FinetuneConfig
+from .config import CG_ON_RESIDUAL, OBJECTIVES_OK, BiSSLConfig, FinetuneConfig
 from .data import DOWNSTREAM_TASKS, Downstream, PretextData, prepare_downstream, prepare_pretext
-from .implicit import clip_gradients, hessian_extremes, ig_matvec, implicit_gradient, upper_backbone_gradient
+from .implicit import (
+    CGResidualError,
+    CGResidualWarning,
+    cg_solve,
+    clip_gradients,
+    hessian_extremes,
+    ig_matvec,
+    implicit_gradient,
+    upper_backbone_gradient,
+)
 from .pipeline import (
     cg_diagnostics,
     continue_pretext,
@@ -97,6 +109,10 @@ __all__ = [
     "DOWNSTREAM_TASKS",
     "ig_matvec",
     "implicit_gradient",
+    "cg_solve",
+    "CGResidualWarning",
+    "CGResidualError",
+    "CG_ON_RESIDUAL",
     "upper_backbone_gradient",
     "clip_gradients",
     "hessian_extremes",

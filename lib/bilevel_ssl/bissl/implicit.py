@@ -1,9 +1,10 @@
 """The upper-level gradient of BiSSL (Eq. 7, Alg. 2) and its diagnostics: the CG operator
-``A v = v + ∇²L_P v / (λ + λ_damp)`` (:func:`ig_matvec`), its CG solve through
-:func:`bilevel_ssl.hypergrad.conjugate_gradient` (:func:`implicit_gradient`), g_θD = v_IG + γ·∇_θ L_D(θ_D, ϕ_D)
-(:func:`upper_backbone_gradient`), the ends of the Hessian spectrum (:func:`hessian_extremes`) and the clipping of
-both levels (:func:`clip_gradients`).  The Hessian-vector products come from
-:class:`bilevel_ssl.hypergrad.InnerHessian` (built in :meth:`bilevel_ssl.bissl.BiSSLStage.pretext_hessian`).
+``A v = v + ∇²L_P v / (λ + λ_damp)`` (:func:`ig_matvec`), its CG solve (:func:`cg_solve`, the arithmetic of
+:func:`bilevel_ssl.hypergrad.conjugate_gradient`, which also returns CG's own residual) in :func:`implicit_gradient`,
+g_θD = v_IG + γ·∇_θ L_D(θ_D, ϕ_D) (:func:`upper_backbone_gradient`), the ends of the Hessian spectrum
+(:func:`hessian_extremes`) and the clipping of both levels (:func:`clip_gradients`).  The Hessian-vector products come
+from :class:`bilevel_ssl.hypergrad.InnerHessian` (built in :meth:`bilevel_ssl.bissl.BiSSLStage.pretext_hessian`).
+:class:`CGResidualWarning` / :class:`CGResidualError` are what a bad solve raises (``bissl.cg_on_residual``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,16 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..hypergrad import conjugate_gradient
-
 Tensors = Sequence[Tensor]
+
+
+class CGResidualWarning(RuntimeWarning):
+    """BiSSL's CG left a relative residual above ``bissl.cg_max_residual`` (``cg_on_residual: warn``)."""
+
+
+class CGResidualError(RuntimeError):
+    """BiSSL's CG left a relative residual above ``bissl.cg_max_residual`` (``cg_on_residual: stop``); raised before
+    the upper optimizer step."""
 
 
 def ig_matvec(hvp_fn, lam: float, damping: float):
@@ -34,21 +42,67 @@ def norm(ts: Tensors) -> float:
     return float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in ts)))
 
 
-def implicit_gradient(hvp_fn, v: Tensors, *, lam: float, damping: float, iters: int, layerwise: bool,
-                      residual: bool = False) -> tuple[list[Tensor], float]:
-    """v_IG ≈ [I + ∇²L_P/(λ + λ_damp)]⁻¹ v by ``iters`` conjugate-gradient iterations from 0 (Algorithm 1's CG step,
-    App. B.3), through :func:`bilevel_ssl.hypergrad.conjugate_gradient` on :func:`ig_matvec` (its own damping 0).
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    ok = den != 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
-    ``layerwise``: one step size α, β per tensor (reference default).  Returns ``(v_IG, rel_residual)`` where
-    ``rel_residual = ‖v − A v_IG‖ / ‖v‖`` of the *true* residual (one more HVP) when ``residual`` is set, else nan.
+
+def cg_solve(matvec, b: Tensors, iters: int, layerwise: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """``iters`` CG iterations on A x = b from x₀ = 0 (``iters`` calls of ``matvec``): the arithmetic of
+    :func:`bilevel_ssl.hypergrad.conjugate_gradient` with damping 0 (its x, bit for bit: ``tests/test_bissl.py``),
+    also returning CG's recursively updated residual r.  ``layerwise``: one α, β per tensor (the reference's default,
+    reference-facts "BiSSL"), else α = rᵀr / Σ dᵀAd.  For global CG, r = b − A x up to rounding; for layer-wise CG
+    it is *not* b − A x unless A is block-diagonal (the per-tensor steps update each block of r with that block's α
+    only), so its true residual needs one more product (:func:`implicit_gradient`)."""
+    b = [t.detach() for t in b]
+    x = [torch.zeros_like(t) for t in b]
+    r = [t.clone() for t in b]
+    d = [t.clone() for t in r]
+    rr = [(t * t).sum() for t in r]
+    for _ in range(iters):
+        ad = [a.detach() for a in matvec(d)]
+        dad = [(di * a).sum() for di, a in zip(d, ad)]
+        if layerwise:
+            alpha = [_safe_div(n, m) for n, m in zip(rr, dad)]
+        else:
+            alpha = [_safe_div(sum(rr), sum(dad))] * len(b)
+        x = [xi + a * di for xi, a, di in zip(x, alpha, d)]
+        r = [ri - a * adi for ri, a, adi in zip(r, alpha, ad)]
+        rr_new = [(t * t).sum() for t in r]
+        if layerwise:
+            beta = [_safe_div(n, o) for n, o in zip(rr_new, rr)]
+        else:
+            beta = [_safe_div(sum(rr_new), sum(rr))] * len(b)
+        d = [ri + bt * di for ri, bt, di in zip(r, beta, d)]
+        rr = rr_new
+    return [torch.nan_to_num(t) for t in x], r
+
+
+def implicit_gradient(hvp_fn, v: Tensors, *, lam: float, damping: float, iters: int, layerwise: bool,
+                      residual: bool | str = False) -> tuple[list[Tensor], float]:
+    """v_IG ≈ [I + ∇²L_P/(λ + λ_damp)]⁻¹ v by ``iters`` conjugate-gradient iterations from 0 (Algorithm 1's CG step,
+    App. B.3): :func:`cg_solve` on :func:`ig_matvec`.  ``layerwise``: one step size α, β per tensor (reference
+    default).  Returns ``(v_IG, rel_residual)``, ``rel_residual = ‖v − A v_IG‖ / ‖v‖`` (0 = solved, 1 = no better
+    than v_IG = 0), by ``residual``:
+
+    * ``False``: not measured (nan);
+    * ``True``: the true residual, from one more HVP (A v_IG);
+    * ``"auto"``: as cheaply as it is exact - global CG: CG's own residual (no HVP; equal to the true one up to
+      rounding), layer-wise CG: the true residual (one more HVP; its recursive residual is not b − A x, see
+      :func:`cg_solve`).  What :class:`~bilevel_ssl.bissl.BiSSLStage` measures at every upper step.
     """
+    if residual not in (False, True, "auto"):
+        raise ValueError(f"residual: must be False, True or 'auto', got {residual!r}")
     A = ig_matvec(hvp_fn, lam, damping)
     v = [t.detach() for t in v]
-    x = conjugate_gradient(A, v, iters=iters, damping=0.0, layerwise=layerwise)
+    x, r = cg_solve(A, v, iters, layerwise)
     res = float("nan")
-    if residual:
+    if residual is not False:
         bn = norm(v)
-        res = norm([b - a for b, a in zip(v, A(x))]) / bn if bn > 0 else 0.0
+        if residual == "auto" and not layerwise:
+            res = norm(r) / bn if bn > 0 else 0.0
+        else:
+            res = norm([b - a for b, a in zip(v, A(x))]) / bn if bn > 0 else 0.0
     return x, res
 
 

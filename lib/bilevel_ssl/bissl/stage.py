@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,14 @@ from ..hypergrad import InnerHessian
 from ..meta import FunctionalNet, SSLNet
 from ..trainer import build_schedule, make_optimizer
 from .config import BiSSLConfig, crop_flip, stream_seeds
-from .implicit import clip_gradients, implicit_gradient, norm, upper_backbone_gradient
+from .implicit import (
+    CGResidualError,
+    CGResidualWarning,
+    clip_gradients,
+    implicit_gradient,
+    norm,
+    upper_backbone_gradient,
+)
 from .warmup import DownstreamHead
 
 
@@ -52,13 +60,15 @@ class BiSSLResult:
     """What the stage returns.  ``backbone`` is θ_P (what Algorithm 1 returns and fine-tuning starts from);
     ``net`` the lower model (θ_P, ϕ_P); ``backbone_D`` / ``head`` the upper model (θ_D, ϕ_D) (``None`` for
     :func:`~bilevel_ssl.bissl.continue_pretext`); ``history`` one record per alternation (see
-    :meth:`BiSSLStage.alternation`)."""
+    :meth:`BiSSLStage.alternation`); ``cg_log`` one record per upper step: the CG solve's relative residual (see
+    :meth:`BiSSLStage.upper_step`)."""
 
     net: SSLNet
     backbone_D: nn.Module | None
     head: DownstreamHead | None
     history: list[dict] = field(default_factory=list)
     warmup_history: list[dict] = field(default_factory=list)
+    cg_log: list[dict] = field(default_factory=list)
 
     @property
     def backbone(self) -> nn.Module:
@@ -126,7 +136,9 @@ class BiSSLStage:
             total_up = cfg.alternations * cfg.upper_steps
             self.sched_D = build_schedule(self.opt_D, total_up, 0, cfg.upper_schedule)
         self.history: list[dict] = []
-        self.t = 0
+        self.cg_log: list[dict] = []
+        self._cg_warned = False
+        self.t = self.upper_steps_done = 0
 
     # ------------------------------------------------------------------------------------------------ pieces
     def _teacher_outputs(self, x: Tensor, n_views: int):
@@ -199,6 +211,16 @@ class BiSSLStage:
           g_ϕD = ∇_ϕ [L_D(θ_P, ϕ_D) + γ L_D(θ_D, ϕ_D)] - one backward of L_D(θ_P) + γ L_D(θ_D);
         * v_IG ≈ [I + H/(λ + λ_damp)]⁻¹ v (:func:`implicit_gradient`, N_c CG iterations, HVPs of ``H``);
         * g_θD = v_IG + γ·direct (:func:`upper_backbone_gradient`); joint norm of (g_θD, g_ϕD) clipped; opt_D step.
+
+        ``residual`` (what :meth:`alternation` sets at every step): measure the relative residual ρ = ‖v − A v_IG‖/‖v‖
+        (layer-wise CG: one more HVP; global CG: free) and check it against ``cg_max_residual`` by
+        ``cg_on_residual`` (:class:`~bilevel_ssl.bissl.BiSSLConfig`): ``warn`` once per stage, ``stop`` raises
+        :class:`~bilevel_ssl.bissl.implicit.CGResidualError` before the optimizer step, ``global`` re-solves with
+        global CG.  Each measured step appends ``{"alternation", "upper_step" (1-based count over the run),
+        "cg_residual" (of the v_IG used),
+        "cg_residual_layerwise" (layer-wise solve; nan with global CG), "cg_solver" ("layerwise" / "global" /
+        "global_fallback")}`` to ``self.cg_log``.  Without ``residual``, ``cg_residual`` is nan and nothing is
+        checked.
         """
         cfg = self.cfg
         theta = [p.detach().requires_grad_(True) for p in self.theta_P]
@@ -214,8 +236,12 @@ class BiSSLStage:
         k = len(theta)
         v, direct = g_p[:k], g_d[:k]
         g_phi = [a + cfg.direct_weight * b for a, b in zip(g_p[k:], g_d[k:])]
-        v_ig, res = implicit_gradient(H.hvp, v, lam=cfg.lam, damping=cfg.cg_damping, iters=cfg.cg_iters,
-                                      layerwise=cfg.cg_layerwise, residual=residual)
+        solve = lambda layerwise: implicit_gradient(H.hvp, v, lam=cfg.lam, damping=cfg.cg_damping,
+                                                    iters=cfg.cg_iters, layerwise=layerwise,
+                                                    residual="auto" if residual else False)
+        v_ig, res = solve(cfg.cg_layerwise)
+        if residual:
+            v_ig, res = self._check_cg(v_ig, res, solve)
         g_theta = upper_backbone_gradient(v_ig, direct, cfg.direct_weight)
         for p, g in zip([*self.theta_D, *head_params], [*g_theta, *g_phi]):
             p.grad = g.detach().clone()
@@ -223,12 +249,53 @@ class BiSSLStage:
         self.opt_D.step()
         self.sched_D.step()
         self.opt_D.zero_grad(set_to_none=True)
+        self.upper_steps_done += 1
         acc = float((logits_p.detach().argmax(1) == y).float().mean())  # at θ_P, before this step
         vn, ign = norm(v), norm(v_ig)
         cos = float(sum((a.double() * b.double()).sum() for a, b in zip(v, v_ig))) / (vn * ign) if vn * ign > 0 else 0.0
         return {"upper_loss": float(loss_p.detach()), "upper_loss_direct": float(loss_d.detach()),
                 "upper_grad_norm": gnorm, "v_norm": vn, "ig_norm": ign, "ig_cos": cos, "direct_norm": norm(direct),
                 "cg_residual": res, "upper_acc": acc}
+
+    def _check_cg(self, v_ig: list[Tensor], res: float, solve) -> tuple[list[Tensor], float]:
+        """Log the residual of this upper step and act on a bad one (``cg_on_residual``); returns the v_IG to use and
+        its residual."""
+        cfg = self.cfg
+        bad = lambda r: not r <= cfg.cg_max_residual  # nan counts as bad
+        rec = {"alternation": self.t + 1, "upper_step": self.upper_steps_done + 1, "cg_residual": res,
+               "cg_residual_layerwise": res if cfg.cg_layerwise else float("nan"),
+               "cg_solver": "layerwise" if cfg.cg_layerwise else "global"}
+        self.cg_log.append(rec)
+        if not bad(res):
+            return v_ig, res
+        if cfg.cg_on_residual == "stop":
+            raise CGResidualError(self._cg_message(rec, res, "stopped (bissl.cg_on_residual: stop) before the "
+                                                             "optimizer step"))
+        note = "the step goes on with this v_IG"
+        if cfg.cg_on_residual == "global" and cfg.cg_layerwise:
+            v_ig, res = solve(False)
+            rec.update(cg_residual=res, cg_solver="global_fallback")
+            if not bad(res):
+                return v_ig, res
+            note = f"global CG (bissl.cg_on_residual: global) reached only {res:.3g}; the step goes on with it"
+        if not self._cg_warned:
+            self._cg_warned = True
+            warnings.warn(self._cg_message(rec, rec["cg_residual_layerwise"] if cfg.cg_layerwise else res, note),
+                          CGResidualWarning, stacklevel=3)
+        return v_ig, res
+
+    def _cg_message(self, rec: dict, res: float, outcome: str) -> str:
+        cfg = self.cfg
+        kind = "layer-wise" if cfg.cg_layerwise else "global"
+        return (f"BiSSL's CG ({kind}, bissl.cg_iters = {cfg.cg_iters}, bissl.cg_damping = {cfg.cg_damping:g}) did "
+                f"not solve [I + H/(λ + λ_damp)] v_IG = v at alternation {rec['alternation']}, upper step "
+                f"{rec['upper_step']} (of the run): relative residual ‖v − A v_IG‖/‖v‖ = {res:.3g} > bissl.cg_max_residual = "
+                f"{cfg.cg_max_residual:g} (1 = no better than v_IG = 0), so the implicit gradient is inaccurate; "
+                f"{outcome}.  Fixes: bissl.cg_layerwise: false (layer-wise CG need not converge when the Hessian "
+                f"couples parameter tensors), more bissl.cg_iters, or a larger bissl.cg_damping (A is indefinite when "
+                f"the pretext Hessian has an eigenvalue below −(λ + λ_damp); cg_diagnostics measures both); "
+                f"bissl.cg_on_residual: global re-solves such steps with global CG, stop raises.  Warned once per "
+                f"run; every upper step's residual is in BiSSLResult.cg_log.")
 
     def downstream_batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         idx = idx.to(self.device)
@@ -244,7 +311,8 @@ class BiSSLStage:
         ``upper_loss_direct`` (mean L_D(θ_D, ϕ_D)), ``upper_acc`` (batch accuracy at θ_P), ``upper_grad_norm``
         (before clipping), ``v_norm`` ‖∇_θ L_D(θ_P, ϕ_D)‖, ``ig_norm`` ‖v_IG‖, ``ig_cos`` cos(v, v_IG) (1 when the
         implicit gradient only rescales v; ≤ 0 when CG turned it around), ``direct_norm`` (all means over the N_U
-        steps), ``cg_residual`` (relative true residual ‖v − A v_IG‖/‖v‖ of the last upper step), ``distance``
+        steps), ``cg_residual`` (relative residual ‖v − A v_IG‖/‖v‖ of the last upper step; every upper step's
+        is in ``cg_log``, :meth:`upper_step`), ``distance``
         ‖θ_P − θ_D‖ at the end, ``lr_lower``, ``lr_upper``, ``time_s``."""
         t0 = time.perf_counter()
         cfg = self.cfg
@@ -259,8 +327,7 @@ class BiSSLStage:
             with sdpa_kernel(SDPBackend.MATH):  # double backward through attention needs the math kernel (ViT)
                 H = self.pretext_hessian(views)
                 batches = self.stack_upper.phase(cfg.upper_steps)
-                ups = [self.upper_step(*self.downstream_batch(b), H, residual=(i == len(batches) - 1))
-                       for i, b in enumerate(batches)]
+                ups = [self.upper_step(*self.downstream_batch(b), H, residual=True) for b in batches]
             rec["hvp_loss"] = H.loss
             del H
             rec.update(_mean(ups))
@@ -292,7 +359,7 @@ class BiSSLStage:
                             dist=f"{rec['distance']:.3g}")
             bar.set_postfix(post)
         bar.close()
-        return BiSSLResult(self.net, self.backbone_D, self.head, self.history)
+        return BiSSLResult(self.net, self.backbone_D, self.head, self.history, cg_log=self.cg_log)
 
 
 def _mean(records: list[dict]) -> dict:
