@@ -4,12 +4,15 @@
 * float64, tiny Conv-4, on fixed float64 inputs: one lower step (its clipped gradients and update), the Hessian
   operator, the CG implicit gradient (layer-wise and global) on a fixed v, one upper step (updates of θ_D, ϕ_D),
   then more steps of both levels (momentum, weight decay, warm-up then cosine, clipping) for SimCLR with SGD and
-  BYOL (EMA teacher) with AdamW: logs, final parameters and buffers.  Asserted to 1e-12.
+  BYOL (EMA teacher) with AdamW: logs, final parameters and buffers.  Asserted to 1e-10 absolute (measured across
+  CPU kernel sets: 9.4e-12 with ATEN_CPU_CAPABILITY=avx2, on a layer-wise CG component).
 * float32 (the stage draws float32 views and batches from uint8 images): run_bissl with head warm-up and
   downstream augmentation (whole alternations: batch stacks, views, HVP batch), continue_pretext, cg_diagnostics,
   reestimate_bn, the downstream formatting, and two short trainer runs (SimCLR, BYOL; warm-up then cosine).
-  Asserted to 1e-5 relative: float32 CPU kernels may differ in the last bits between instruction sets, while a
-  changed order of random draws or a changed formula moves these numbers by far more.
+  Asserted to 1e-5 relative on the CPU kernel set that recorded them (AVX-512) only: on another one (avx2) the
+  CG solve on BiSSL's indefinite operator amplifies float32 rounding to 1-2% of the logged norms and 0.015 of a
+  cosine, so these bit-level pins are same-machine checks (promise 1 of the README) and skip elsewhere, saying so;
+  across CPUs, BiSSL's float32 numbers are compared within measured tolerances by tests/test_smoke_metrics.py.
 
 All of it runs with one CPU thread (restored afterwards).  Regenerate (only for an intended change of numbers):
 ``PYTHONPATH=lib python tests/test_bissl_golden.py --write``.
@@ -201,11 +204,17 @@ def golden():
 
 @pytest.mark.parametrize("case", ["simclr_sgd", "byol_adamw"])
 def test_bissl_steps_float64_match_golden(numbers, golden, case):
-    assert_same(numbers[case], golden[case], case, {"atol": 1e-12, "rtol": 0.0})
+    assert_same(numbers[case], golden[case], case, {"atol": 1e-10, "rtol": 0.0})
+
+
+RECORDED_KERNELS = "AVX512"  # torch.backends.cpu.get_cpu_capability() when the float32 numbers were recorded
 
 
 @pytest.mark.parametrize("case", ["float32", "trainer"])
 def test_float32_pipeline_and_trainer_match_golden(numbers, golden, case):
+    kernels = torch.backends.cpu.get_cpu_capability()
+    if kernels != RECORDED_KERNELS:
+        pytest.skip(f"float32 numbers pinned on {RECORDED_KERNELS} kernels only; this CPU uses {kernels}")
     assert_same(numbers[case], golden[case], case, {"atol": 1e-6, "rtol": 1e-5})
 
 
