@@ -28,6 +28,14 @@ from .objectives import Objective, Outputs
 __all__ = ["MetaArgs", "Joint", "BiLevelMethod"]
 
 
+# the engines that give the outer-only parameters φ the term through the inner step (−α∇²_φθ L_in · v)
+SECOND_ORDER_ENGINES = ("second_order", "aid_fd", "aid_cg", "aid_neumann")
+# the engines that drop it: φ receives only ∂_φ L_out
+FIRST_ORDER_ENGINES = ("first_order", "momentum_proxy")
+FIRST_ORDER_WHY = ("first-order engines drop the term −α∇²_φθ L_in · ∇L_out through which it acts, and the outer "
+                   "loss does not use it directly")
+
+
 class MetaArgs:
     """Base of a meta-method's options dataclass: :meth:`from_meta_args` rejects unknown keys, naming the allowed
     ones; the dataclass's ``__post_init__`` validates the values."""
@@ -94,6 +102,19 @@ class BiLevelMethod(SingleLevel):
             make_engine(cfg.hypergrad, **cfg.hypergrad_args)
         except ValueError as err:
             raise ValueError(f"hypergrad_args: {err}") from None
+        why = cls._untrained_meta(cfg, opts)
+        if why and not getattr(opts, "allow_untrained_meta", False):
+            raise ValueError(
+                f"hypergrad: {cls.name} with engine {cfg.hypergrad!r} gives its meta-network exactly zero gradient "
+                f"({why}), so it would never train. Use an engine that differentiates through the inner step "
+                f"({', '.join(e for e in SECOND_ORDER_ENGINES if e not in cls.unsupported_engines)}), or set "
+                f"meta_args: {{allow_untrained_meta: true}} if that is what you mean (e.g. an engine ablation)")
+
+    @classmethod
+    def _untrained_meta(cls, cfg, opts) -> str | None:
+        """Why the engine of ``cfg`` gives the method's meta-network exactly zero gradient, or None.  Checked in
+        :meth:`check_config`, before any compute: such a run is refused unless ``allow_untrained_meta``."""
+        return None
 
     @classmethod
     def _check(cls, cfg, opts) -> None:
