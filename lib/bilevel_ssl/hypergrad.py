@@ -18,8 +18,15 @@ The caller writes them into ``.grad`` (:func:`set_grads`) and steps its own opti
 Which engine is exact when:
 
 * ``second_order`` - exact for every ς (reverse mode through the unrolled inner loop).
-* ``aid_fd`` - exact up to the finite-difference error O(ε²) (zero for quadratic L_in) for every ς; it is the
-  reverse pass of ``second_order`` with every Hessian-vector product replaced by a central difference of gradients.
+* ``aid_fd`` - the reverse pass of ``second_order`` with every Hessian-vector product replaced by a central
+  difference of gradients.  Its error is O(ε²) only where L_in is twice continuously differentiable along the
+  segment θ ± εv (and zero for quadratic L_in).  **Not so on the default Conv-4**: ReLU and max-pool make the
+  Hessian jump, the difference straddles the kinks, and at the default ``fd_r`` = 0.01 the θ-gradient is off by
+  177-621 % (φ 3-11 %) on the float64 Conv-4 of ``tests/test_hypergrad_conv4.py``; exact (to 1e-7) at
+  ``fd_r`` <= 1e-4 in float64.  With softplus / average pooling the error is O(fd_r²) again.
+* Measured on that Conv-4 at the defaults (one inner step from a random init): ``second_order`` exact;
+  ``aid_cg`` φ 2-64x off (relative residual 3-74); ``aid_neumann`` diverges (φ 1e3-1e7 off);
+  ``first_order`` / ``momentum_proxy`` give φ exactly zero.
 * ``aid_cg`` / ``aid_neumann`` - the φ-gradient is exact (up to solver error) in the limit where θ' is the
   minimiser of L_in(·, φ) with a positive definite Hessian (implicit function theorem), i.e. ς → ∞.  Their θ-gradient
   is the first-order one (see :class:`AidCG`).
@@ -207,7 +214,10 @@ class AidFD(_Engine):
         ∇²_{(θ,φ)θ} L_in · v ≈ [∇_{θ,φ} L_in(θ + εv, φ) − ∇_{θ,φ} L_in(θ − εv, φ)] / (2ε),   ε = r / ‖v‖,
 
     with r = ``fd_r`` (DARTS: 0.01) and ‖v‖ the norm over all tensors of θ.  The central difference has error
-    O(ε²) and is exact (up to rounding) for quadratic L_in.  GeSSL's Eq. 25 writes a one-sided difference with θ and
+    O(ε²) *where L_in is C² on the segment θ ± εv* and is exact (up to rounding) for quadratic L_in.  It is not on
+    a ReLU / max-pool network: on the default Conv-4 (``tests/test_hypergrad_conv4.py``, float64) the default
+    r = 0.01 gives a θ-gradient 177-621 % off the exact one (φ 3-11 %), r = 1e-3 up to 430 %; r <= 1e-4 is exact
+    to 1e-7.  The difference straddles activation / pooling kinks, where the Hessian is discontinuous.  GeSSL's Eq. 25 writes a one-sided difference with θ and
     φ swapped; we follow the cited source (DARTS Eq. 8).
 
     ς > 1: the same reverse pass as ``second_order``, with each Hessian-vector product replaced by the central
