@@ -248,3 +248,17 @@ def test_gessl_wraps_every_objective_of_the_zoo(objective):
     assert torch.isfinite(torch.tensor(logs["loss"]))
     assert logs["g_grad_norm"] > 0  # second order: g learns through θ'(θ, φ)
     method.after_step(net, 0.5)  # teacher EMA / objective state after the outer step
+
+
+@pytest.mark.parametrize("engine,key", [("aid_cg", "cg_residual"), ("aid_neumann", "neumann_growth"),
+                                        ("aid_fd", "fd_check_error")])
+@pytest.mark.parametrize("variant", ["bilevel", "per_task"])
+def test_engine_quality_is_in_the_step_logs(engine, key, variant):
+    """#24: the engine's own quality measure reaches the step's log dict (per_task: the worst of the m calls)."""
+    import warnings
+
+    cfg, net, method, views = tiny_setup(hypergrad=engine, variant=variant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        logs = method.compute_grads(net, views)
+    assert key in logs and logs[key] >= 0 and logs[key] < float("inf")

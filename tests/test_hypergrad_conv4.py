@@ -106,3 +106,71 @@ def test_implicit_and_first_order_engines_on_conv4(seed):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert rel(hg.phi_grads, ref.phi_grads) > 0.5      # not at an inner optimum: not the exact φ-gradient
     assert rel(fo.theta_grads, ref.theta_grads) > 0.5
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# each engine reports its own quality (#24)
+
+
+def quadratic(n=4, seed=0):
+    """L_in = ½θᵀAθ + θᵀBφ with A SPD (eigenvalues in [1, 2]), L_out = ½‖θ − 1‖²: every solver converges."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = q @ torch.diag(torch.linspace(1, 2, n, dtype=torch.float64)) @ q.T
+    B = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    inner = lambda th, ph: 0.5 * th[0] @ A @ th[0] + th[0] @ B @ ph[0]
+    outer = lambda th, ph: 0.5 * ((th[0] - 1) ** 2).sum()
+    return inner, outer, [torch.randn(n, generator=g, dtype=torch.float64)], [torch.randn(2, generator=g,
+                                                                                             dtype=torch.float64)]
+
+
+@pytest.mark.parametrize("name,key,opts,bad", [
+    ("aid_cg", "cg_residual", {}, 1.0),                          # measured 2.9-74 at the defaults
+    ("aid_neumann", "neumann_growth", {}, 10.0),                 # the default step diverges
+    ("aid_fd", "fd_check_error", {}, 0.1),                       # fd_r = 0.01 across the kinks
+])
+def test_engine_quality_is_logged_warned_once_and_can_stop(name, key, opts, bad):
+    problem = conv4_problem(0)
+    engine = make_engine(name, **opts)
+    with pytest.warns(RuntimeWarning, match=rf"hypergrad: engine '{name}': {key} .* = .*above.*; .*on_bad: stop"):
+        hg = engine(*problem, inner_lr=INNER_LR)
+    assert hg.logs[key] > bad
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                           # once per run (engine object): no second warning
+        engine(*problem, inner_lr=INNER_LR)
+    from bilevel_ssl.hypergrad import HypergradQualityError
+    with pytest.raises(HypergradQualityError, match=rf"{name}.*{key}.*on_bad: stop"):
+        make_engine(name, on_bad="stop", **opts)(*problem, inner_lr=INNER_LR)
+
+
+@pytest.mark.parametrize("name,key,opts", [
+    ("aid_cg", "cg_residual", {"cg_iters": 4}),
+    ("aid_neumann", "neumann_growth", {"neumann_alpha": 0.5, "neumann_iters": 30}),
+    ("aid_fd", "fd_check_error", {}),
+])
+def test_engine_quality_is_good_where_the_engine_is_right(name, key, opts):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hg = make_engine(name, on_bad="stop", **opts)(*quadratic(), inner_lr=0.1)
+    assert hg.logs[key] < (1.0 if name == "aid_neumann" else 1e-6)
+
+
+def test_aid_fd_spot_check_is_occasional_and_passes_at_a_small_fd_r():
+    problem = conv4_problem(1)
+    engine = make_engine("aid_fd", fd_r=1e-5, check_every=2, on_bad="stop")
+    errs = [engine(*problem, inner_lr=INNER_LR).logs["fd_check_error"] for _ in range(3)]
+    assert errs[0] < 1e-6 and errs[1] == errs[0]                 # checked on calls 0 and 2, carried between
+    assert make_engine("aid_fd", check_every=0)(*problem, inner_lr=INNER_LR).logs.get("fd_check_error") is None
+
+
+@pytest.mark.parametrize("name,opt,value", [("aid_cg", "on_bad", "maybe"), ("aid_fd", "on_bad", "ignore"),
+                                            ("aid_neumann", "on_bad", 1), ("aid_fd", "check_every", -1),
+                                            ("aid_cg", "max_residual", 0), ("aid_neumann", "max_growth", "1")])
+def test_quality_options_are_validated(name, opt, value):
+    with pytest.raises(ValueError, match=rf"hypergrad: {name} option '{opt}'"):
+        make_engine(name, **{opt: value})
+    if opt == "on_bad":
+        with pytest.raises(ValueError, match="must be one of warn, stop"):
+            make_engine(name, on_bad=value)

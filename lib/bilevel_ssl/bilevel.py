@@ -127,6 +127,7 @@ class BiLevelMethod(SingleLevel):
         self.engine = make_engine(cfg.hypergrad, **cfg.hypergrad_args)
         self._net_names = [n for n, _ in net.named_parameters()]
         self._own: dict[str, nn.Module] = {}
+        self._quality: dict[str, float] = {}  # the engine's quality logs of the current step
         p0 = next(net.parameters())
         self._home = {"device": p0.device, "dtype": p0.dtype}
 
@@ -198,9 +199,15 @@ class BiLevelMethod(SingleLevel):
         return FunctionalNet(net, self._net_tensors(net, theta, update_stats=update_stats))
 
     def _hypergradient(self, inner_loss, outer_loss, theta, phi, *, inner_lr: float, inner_steps: int) -> HyperGrad:
-        """The engine's meta-gradients, or :class:`Joint`'s for the one-stage variant."""
+        """The engine's meta-gradients, or :class:`Joint`'s for the one-stage variant.  The engine's quality logs
+        (``cg_residual``, ``neumann_growth``, ``fd_check_error``; the worst over the step's calls) are added to the
+        step's logs by :meth:`compute_grads`."""
         engine = Joint() if self.one_stage else self.engine
-        return engine(inner_loss, outer_loss, theta, phi, inner_lr=inner_lr, inner_steps=inner_steps)
+        hg = engine(inner_loss, outer_loss, theta, phi, inner_lr=inner_lr, inner_steps=inner_steps)
+        for key in engine.QUALITY_LOGS:  # the engine's own quality measure, the worst of the step's calls (#24)
+            if key in hg.logs:
+                self._quality[key] = max(self._quality.get(key, hg.logs[key]), hg.logs[key])
+        return hg
 
     @staticmethod
     def _grad_norm(grads: list[Tensor]) -> float:
@@ -222,8 +229,10 @@ class BiLevelMethod(SingleLevel):
         # scaled_dot_product_attention implement only first derivatives (ViT backbones, MAE).
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        self._quality: dict[str, float] = {}
         with sdpa_kernel(SDPBackend.MATH):
-            return self._step(net, views)
+            logs = self._step(net, views)
+        return {**logs, **self._quality}
 
     def _step(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:  # pragma: no cover
         raise NotImplementedError

@@ -516,7 +516,7 @@ class MCR(BiLevelMethod):
         else:
             g_theta = self._grads(ssl + c.lambda1 * mcr, theta)
             inner, outer, stash = self._losses(net, x, teacher, comp_in, alpha)
-            hg = self.engine(inner, outer, theta, xi, inner_lr=self.inner_lr, inner_steps=1)
+            hg = self._hypergradient(inner, outer, theta, xi, inner_lr=self.inner_lr, inner_steps=1)
             g_xi = hg.phi_grads
             logs.update(comp=stash["comp"], outer_ssl=stash["outer_ssl"], outer_loss=hg.logs["outer_loss"])
         set_grads(theta, g_theta)
