@@ -133,7 +133,7 @@ def test_golden_gradients(name, golden):
     assert sorted(got["state"]) == sorted(ref["state"])
     for k in ref["state"]:
         _close(f"{name}: state {k}", got["state"][k], ref["state"][k])
-    assert set(ref["logs"]) <= set(got["logs"])  # TEMPORARY (#24): the engines' new quality logs, regenerated next
+    assert sorted(got["logs"]) == sorted(ref["logs"])
     for k, v in ref["logs"].items():
         same = math.isnan(v) and math.isnan(got["logs"][k])
         assert same or got["logs"][k] == pytest.approx(v, rel=RTOL, abs=RTOL), f"{name}: log {k}"
