@@ -16,7 +16,8 @@ DT = torch.float64
 INNER_LR = 0.1
 
 
-def conv4_problem(seed: int = 0, width: int = 3, size: int = 8, batch: int = 6, smooth: bool = False):
+def conv4_problem(seed: int = 0, width: int = 3, size: int = 8, batch: int = 6, smooth: bool = False,
+                  dtype: torch.dtype = DT):
     """(inner_loss, outer_loss, theta, phi): L_in(θ, φ) = MSE of the head's output to targets shifted by φ's
     output (φ used only here), L_out(θ) = MSE on a query batch.  Backbone in train mode (batch statistics).
     ``smooth``: ReLU -> softplus and max-pool -> average pool (a C² loss: the control of the kink effect)."""
@@ -30,12 +31,12 @@ def conv4_problem(seed: int = 0, width: int = 3, size: int = 8, batch: int = 6, 
             elif isinstance(m, nn.MaxPool2d):
                 feats[i] = nn.AvgPool2d(2, ceil_mode=True)
     g = nn.Linear(width, 2)
-    net, g = net.to(DT).train(), g.to(DT)
+    net, g = net.to(dtype).train(), g.to(dtype)
     names = [n for n, _ in net.named_parameters()]
     gnames = [n for n, _ in g.named_parameters()]
     buffers = dict(net.named_buffers())
-    xs, xq = torch.randn(batch, 3, size, size, dtype=DT), torch.randn(batch, 3, size, size, dtype=DT)
-    ys, yq = torch.randn(batch, 2, dtype=DT), torch.randn(batch, 2, dtype=DT)
+    xs, xq = torch.randn(batch, 3, size, size, dtype=dtype), torch.randn(batch, 3, size, size, dtype=dtype)
+    ys, yq = torch.randn(batch, 2, dtype=dtype), torch.randn(batch, 2, dtype=dtype)
 
     def forward(theta, x):
         params = {**dict(zip(names, theta)), **{k: b.clone() for k, b in buffers.items()}}
