@@ -21,12 +21,16 @@ Which engine is exact when:
 * ``aid_fd`` - the reverse pass of ``second_order`` with every Hessian-vector product replaced by a central
   difference of gradients.  Its error is O(ε²) only where L_in is twice continuously differentiable along the
   segment θ ± εv (and zero for quadratic L_in).  **Not so on the default Conv-4**: ReLU and max-pool make the
-  Hessian jump, the difference straddles the kinks, and at the default ``fd_r`` = 0.01 the θ-gradient is off by
-  177-621 % (φ 3-11 %) on the float64 Conv-4 of ``tests/test_hypergrad_conv4.py``; exact (to 1e-7) at
-  ``fd_r`` <= 1e-4 in float64.  With softplus / average pooling the error is O(fd_r²) again.
-* Measured on that Conv-4 at the defaults (one inner step from a random init): ``second_order`` exact;
-  ``aid_cg`` φ 2-64x off (relative residual 3-74); ``aid_neumann`` diverges (φ 1e3-1e7 off);
-  ``first_order`` / ``momentum_proxy`` give φ exactly zero.
+  Hessian jump, the difference straddles the kinks, and at DARTS' ``fd_r`` = 0.01 (the earlier default) the
+  θ-gradient is off by 177-621 % (φ 3-11 %) on the float64 Conv-4 of ``tests/test_hypergrad_conv4.py``; exact (to
+  1e-7) at ``fd_r`` <= 1e-4 in float64, hence the default 1e-4.  With softplus / average pooling the error is
+  O(fd_r²) again.
+* Measured on that Conv-4 (one inner step from a random init): ``second_order`` exact; ``aid_fd`` (1e-4) exact to
+  1e-7; ``aid_cg`` / ``aid_neumann`` estimate the implicit (inner-optimum) hypergradient, which is not the
+  one-step one: φ 0.9-1.6 off with the default damping 1/α (undamped, the earlier default: 2-64x, residual 3-74);
+  Neumann with the earlier step α = inner_lr diverged (φ 1e3-1e7 off; now 1/λ̂ by power iteration);
+  ``first_order`` / ``momentum_proxy`` give φ exactly zero.  Each engine logs its own quality measure
+  (``fd_check_error``, ``cg_residual``, ``neumann_growth``) and warns or stops (option ``on_bad``).
 * ``aid_cg`` / ``aid_neumann`` - the φ-gradient is exact (up to solver error) in the limit where θ' is the
   minimiser of L_in(·, φ) with a positive definite Hessian (implicit function theorem), i.e. ς → ∞.  Their θ-gradient
   is the first-order one (see :class:`AidCG`).
@@ -247,7 +251,11 @@ class AidFD(_Engine):
 
         ∇²_{(θ,φ)θ} L_in · v ≈ [∇_{θ,φ} L_in(θ + εv, φ) − ∇_{θ,φ} L_in(θ − εv, φ)] / (2ε),   ε = r / ‖v‖,
 
-    with r = ``fd_r`` (DARTS: 0.01) and ‖v‖ the norm over all tensors of θ.  The central difference has error
+    with r = ``fd_r`` and ‖v‖ the norm over all tensors of θ.  Default r = 1e-4, *not* DARTS' (and GeSSL's) 0.01:
+    on the default Conv-4 (float64, seeds 0-3 of ``tests/test_hypergrad_conv4.py``) the spot check below measures a
+    relative error of 1.0-6.4 at 0.01, up to 11 at 3e-3 and 5.5 at 1e-3, and <= 4.2e-7 at 1e-4; in float32 1e-4 gives
+    1e-3-3e-3 on 9 of 10 draws (one draw with a kink inside the difference: 21).  Pass ``fd_r: 0.01`` for the
+    paper's setting.  The central difference has error
     O(ε²) *where L_in is C² on the segment θ ± εv* and is exact (up to rounding) for quadratic L_in.  It is not on
     a ReLU / max-pool network: on the default Conv-4 (``tests/test_hypergrad_conv4.py``, float64) the default
     r = 0.01 gives a θ-gradient 177-621 % off the exact one (φ 3-11 %), r = 1e-3 up to 430 %; r <= 1e-4 is exact
@@ -276,7 +284,7 @@ class AidFD(_Engine):
     OPTIONS = ("fd_r", "check_every", "check_tol", "on_bad")
     QUALITY_LOGS = ("fd_check_error",)
 
-    def __init__(self, *, fd_r: float = 0.01, check_every: int = 50, check_tol: float = 0.1, on_bad: str = "warn"):
+    def __init__(self, *, fd_r: float = 1e-4, check_every: int = 50, check_tol: float = 0.1, on_bad: str = "warn"):
         self.fd_r = _check_real("fd_r", fd_r, lo=0.0, lo_open=True, engine=self.name)
         self.check_every = _check_int("check_every", check_every, 0, engine=self.name)
         self.check_tol = _check_real("check_tol", check_tol, lo=0.0, lo_open=True, engine=self.name)
@@ -349,8 +357,13 @@ class AidCG(_Aid):
 
         dF/dφ = ∂_φ L_out − ∇²_φθ L_in · [∇²_θθ L_in]⁻¹ ∇_θ' L_out,      all at (θ', φ).
 
-    w = [∇²_θθ L_in + λI]⁻¹ v is found by ``cg_iters`` CG iterations (λ = ``cg_damping``, default 0; use λ > 0 when
-    L_in is not locally convex) on double-backward Hessian-vector products that share one gradient graph.
+    w = [∇²_θθ L_in + λI]⁻¹ v is found by ``cg_iters`` CG iterations (λ = ``cg_damping``) on double-backward
+    Hessian-vector products that share one gradient graph.  Default λ = 1/``inner_lr`` (``cg_damping: null``): the
+    iMAML proximal weight that makes α(I + αH)⁻¹ ≈ α(I − αH) the one-step unrolled map to first order; undamped
+    (λ = 0, the earlier default) CG on the indefinite Hessian of the default Conv-4 after one step (eigenvalues
+    about [−130, 263]) gave relative residuals 2.9-74 and φ-gradients 2-64x off the unrolled one; with λ = 1/α
+    (10) residuals 0.5-2.2 and φ 0.9-1.6 off (``tests/test_hypergrad_conv4.py``, seeds 0-2).  No damping makes
+    the implicit φ-gradient equal the one-step hypergradient away from an inner optimum.
     (GeSSL's Eq. 22-24 write this formula with the second derivatives dropped; we implement the standard one.)
 
     θ-gradient: the first-order one, ∇_θ' L_out.  Implicit differentiation defines θ' through φ alone; at an exact
@@ -371,16 +384,18 @@ class AidCG(_Aid):
     OPTIONS = ("cg_iters", "cg_damping", "cg_layerwise", "max_residual", "on_bad")
     QUALITY_LOGS = ("cg_residual",)
 
-    def __init__(self, *, cg_iters: int = 5, cg_damping: float = 0.0, cg_layerwise: bool = False,
+    def __init__(self, *, cg_iters: int = 5, cg_damping: float | None = None, cg_layerwise: bool = False,
                  max_residual: float = 0.1, on_bad: str = "warn"):
         self.cg_iters = _check_int("cg_iters", cg_iters, 1, engine=self.name)
-        self.cg_damping = _check_real("cg_damping", cg_damping, lo=0.0, engine=self.name)
+        self.cg_damping = (None if cg_damping is None else
+                           _check_real("cg_damping", cg_damping, lo=0.0, engine=self.name))
         self.cg_layerwise = _check_bool("cg_layerwise", cg_layerwise, self.name)
         self.max_residual = _check_real("max_residual", max_residual, lo=0.0, lo_open=True, engine=self.name)
         self.on_bad = _check_choice("on_bad", on_bad, ON_BAD, self.name)
 
     def _solve(self, H, v, lr):
-        w, r = _cg(H.hvp, v, self.cg_iters, self.cg_damping, self.cg_layerwise)
+        damping = 1.0 / lr if self.cg_damping is None else self.cg_damping
+        w, r = _cg(H.hvp, v, self.cg_iters, damping, self.cg_layerwise)
         bn = float(_norm(v))
         res = float(_norm(r)) / bn if bn > 0 else 0.0
         self._judge("cg_residual (relative residual of the CG solve)", res, self.max_residual,
@@ -395,11 +410,14 @@ class AidNeumann(_Aid):
 
         [∇²_θθ L_in]⁻¹ v ≈ α_N Σ_{k=0}^{K} (I − α_N ∇²_θθ L_in)^k v,    K = ``neumann_iters``,
 
-    α_N = ``neumann_alpha`` (default: ``inner_lr``, as Lorraine et al., who use the inner optimiser's step; it needs
-    the spectral radius of I − α_N H below 1, the same condition as a stable inner gradient step).  (GeSSL's Eq. 23
+    α_N = ``neumann_alpha``; it needs the spectral radius of I − α_N H below 1.  Default (``null``): 1/λ̂ with λ̂
+    the largest |eigenvalue| of ∇²_θθ L_in by ``power_iters`` (10) power iterations (10 more Hessian-vector
+    products).  The earlier default, ``inner_lr`` (Lorraine et al. use the inner optimiser's step), diverged on the
+    default Conv-4 (λ_max 50-263 against 2/α = 20: growth 1e3-1e5, φ 1e3-1e7 off); with 1/λ̂ the growth is 1.0-7
+    (the remaining excess: negative eigenvalues, for which no step converges - the quality check says so).  (GeSSL's Eq. 23
     writes the series as Σ(−1)^k H^k, which converges only for ‖H‖ < 1; the scaled form is the cited method's.)
 
-    Cost: as :class:`AidCG` with ``neumann_iters`` Hessian-vector products.
+    Cost: as :class:`AidCG` with ``neumann_iters`` (+ ``power_iters`` for the default step) Hessian-vector products.
 
     Quality (#24), every call at no extra cost: ``neumann_growth`` = ‖(I − α_N H)^K v‖ / ‖v‖, the last term of
     the series against the first, logged.  H is symmetric, so a growth above 1 means a spectral radius of
@@ -408,19 +426,33 @@ class AidNeumann(_Aid):
     """
 
     name = "aid_neumann"
-    OPTIONS = ("neumann_iters", "neumann_alpha", "max_growth", "on_bad")
+    OPTIONS = ("neumann_iters", "neumann_alpha", "max_growth", "on_bad", "power_iters")
     QUALITY_LOGS = ("neumann_growth",)
 
     def __init__(self, *, neumann_iters: int = 5, neumann_alpha: float | None = None, max_growth: float = 1.0,
-                 on_bad: str = "warn"):
+                 on_bad: str = "warn", power_iters: int = 10):
         self.neumann_iters = _check_int("neumann_iters", neumann_iters, 1, engine=self.name)
+        self.power_iters = _check_int("power_iters", power_iters, 1, engine=self.name)
         self.neumann_alpha = (None if neumann_alpha is None else
                               _check_real("neumann_alpha", neumann_alpha, lo=0.0, lo_open=True, engine=self.name))
         self.max_growth = _check_real("max_growth", max_growth, lo=0.0, lo_open=True, engine=self.name)
         self.on_bad = _check_choice("on_bad", on_bad, ON_BAD, self.name)
 
+    def _power_alpha(self, H, v) -> float:
+        """1 / |λ|_max of the inner Hessian by ``power_iters`` power iterations from v (≥ 1/λ_max, and the power
+        estimate λ̂ ≤ |λ|_max, so the positive part of the spectrum of I − αH lies in [1 − λ_max/λ̂, 1): converges
+        while λ̂ > λ_max / 2)."""
+        x, lam = [t.detach().clone() for t in v], 0.0
+        for _ in range(self.power_iters):
+            nx = float(_norm(x))
+            if nx == 0.0:
+                break
+            hx = H.hvp([t / nx for t in x])
+            lam, x = float(_norm(hx)), hx
+        return 1.0 / lam if lam > 0 else 1.0
+
     def _solve(self, H, v, lr):
-        alpha = lr if self.neumann_alpha is None else self.neumann_alpha
+        alpha = self._power_alpha(H, v) if self.neumann_alpha is None else self.neumann_alpha
         w, last = _neumann(H.hvp, v, self.neumann_iters, alpha)
         bn = float(_norm(v))
         growth = float(_norm(last)) / bn if bn > 0 else 0.0
