@@ -61,7 +61,10 @@ def _random_set(n: int = 128, seed: int = 0) -> ImageSet:
 def _cfg(**kw) -> TrainConfig:
     base = {"objective": "simclr", "meta": "gessl", "hypergrad": "momentum_proxy", "epochs": 2, "batch_size": 64,
             "lr": 1e-3, "device": "cuda", "progress": False, "seed": 0}
-    return TrainConfig(**{**base, **kw})
+    cfg = {**base, **kw}
+    if cfg["meta"] == "gessl" and cfg["hypergrad"] in ("first_order", "momentum_proxy"):
+        cfg["meta_args"] = {**cfg.get("meta_args", {}), "allow_untrained_meta": True}  # g untrained: deliberate
+    return TrainConfig(**cfg)
 
 
 class _Interrupt(Exception):

@@ -79,11 +79,27 @@ def test_second_order_step_equals_hand_unrolled_eq4_eq5():
 
 @pytest.mark.parametrize("engine", ["first_order", "momentum_proxy"])
 def test_first_order_engines_give_g_exactly_zero_gradient(engine):
-    cfg, net, method, views = tiny_setup(hypergrad=engine)
+    cfg, net, method, views = tiny_setup(hypergrad=engine, allow_untrained_meta=True)
     logs = method.compute_grads(net, views)
     assert logs["g_grad_norm"] == 0.0
     assert all(torch.count_nonzero(p.grad) == 0 for p in method.g.parameters())
     assert any(torch.count_nonzero(p.grad) > 0 for p in net.parameters())
+
+
+@pytest.mark.parametrize("engine", ["first_order", "momentum_proxy"])
+def test_an_engine_that_leaves_g_untrained_is_refused_before_training(engine):
+    """#24: g with exactly zero gradient is never silent - check_config (run by TrainConfig) refuses, naming the
+    key, the engine, why and the fix; the flag lets an ablation that means it through."""
+    with pytest.raises(ValueError) as err:
+        TrainConfig(meta="gessl", hypergrad=engine, batch_size=8, meta_args={"m": 2})
+    msg = str(err.value)
+    for part in ("hypergrad", repr(engine), "exactly zero gradient", "first-order engines drop", "second_order",
+                 "aid_fd", "allow_untrained_meta: true"):
+        assert part in msg, (part, msg)
+    TrainConfig(meta="gessl", hypergrad=engine, batch_size=8, meta_args={"m": 2, "allow_untrained_meta": True})
+    TrainConfig(meta="gessl", hypergrad=engine, batch_size=8, meta_args={"m": 2, "variant": "joint"})  # g trained
+    with pytest.raises(ValueError, match="allow_untrained_meta"):
+        TrainConfig(meta="gessl", batch_size=8, meta_args={"m": 2, "allow_untrained_meta": "yes"})
 
 
 def test_support_and_query_see_the_right_views():
@@ -232,3 +248,17 @@ def test_gessl_wraps_every_objective_of_the_zoo(objective):
     assert torch.isfinite(torch.tensor(logs["loss"]))
     assert logs["g_grad_norm"] > 0  # second order: g learns through θ'(θ, φ)
     method.after_step(net, 0.5)  # teacher EMA / objective state after the outer step
+
+
+@pytest.mark.parametrize("engine,key", [("aid_cg", "cg_residual"), ("aid_neumann", "neumann_growth"),
+                                        ("aid_fd", "fd_check_error")])
+@pytest.mark.parametrize("variant", ["bilevel", "per_task"])
+def test_engine_quality_is_in_the_step_logs(engine, key, variant):
+    """#24: the engine's own quality measure reaches the step's log dict (per_task: the worst of the m calls)."""
+    import warnings
+
+    cfg, net, method, views = tiny_setup(hypergrad=engine, variant=variant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        logs = method.compute_grads(net, views)
+    assert key in logs and logs[key] >= 0 and logs[key] < float("inf")

@@ -283,6 +283,15 @@ def test_second_order_xi_update_equals_hand_unrolled_algorithm_1(opts):
         torch.set_default_dtype(torch.float32)
 
 
+@pytest.mark.parametrize("engine", ["first_order", "momentum_proxy"])
+def test_first_order_engine_without_comp_loss_is_refused(engine):
+    """#24: lambda2 = 0 leaves ξ only the inner loss; a first-order engine then gives it zero gradient: refused."""
+    with pytest.raises(ValueError, match=r"hypergrad: mcr with engine .* exactly zero gradient.*allow_untrained_meta"):
+        TrainConfig(meta="mcr", hypergrad=engine, batch_size=8, meta_args={"lambda2": 0.0})
+    TrainConfig(meta="mcr", hypergrad=engine, batch_size=8, meta_args={"lambda2": 0.0, "allow_untrained_meta": True})
+    TrainConfig(meta="mcr", hypergrad=engine, batch_size=8)  # lambda2 > 0: ξ gets the direct L_comp gradient
+
+
 def test_first_order_engine_gives_xi_only_the_direct_comp_gradient():
     torch.set_default_dtype(torch.float64)
     try:

@@ -28,6 +28,14 @@ from .objectives import Objective, Outputs
 __all__ = ["MetaArgs", "Joint", "BiLevelMethod"]
 
 
+# the engines that give the outer-only parameters φ the term through the inner step (−α∇²_φθ L_in · v)
+SECOND_ORDER_ENGINES = ("second_order", "aid_fd", "aid_cg", "aid_neumann")
+# the engines that drop it: φ receives only ∂_φ L_out
+FIRST_ORDER_ENGINES = ("first_order", "momentum_proxy")
+FIRST_ORDER_WHY = ("first-order engines drop the term −α∇²_φθ L_in · ∇L_out through which it acts, and the outer "
+                   "loss does not use it directly")
+
+
 class MetaArgs:
     """Base of a meta-method's options dataclass: :meth:`from_meta_args` rejects unknown keys, naming the allowed
     ones; the dataclass's ``__post_init__`` validates the values."""
@@ -94,6 +102,19 @@ class BiLevelMethod(SingleLevel):
             make_engine(cfg.hypergrad, **cfg.hypergrad_args)
         except ValueError as err:
             raise ValueError(f"hypergrad_args: {err}") from None
+        why = cls._untrained_meta(cfg, opts)
+        if why and not getattr(opts, "allow_untrained_meta", False):
+            raise ValueError(
+                f"hypergrad: {cls.name} with engine {cfg.hypergrad!r} gives its meta-network exactly zero gradient "
+                f"({why}), so it would never train. Use an engine that differentiates through the inner step "
+                f"({', '.join(e for e in SECOND_ORDER_ENGINES if e not in cls.unsupported_engines)}), or set "
+                f"meta_args: {{allow_untrained_meta: true}} if that is what you mean (e.g. an engine ablation)")
+
+    @classmethod
+    def _untrained_meta(cls, cfg, opts) -> str | None:
+        """Why the engine of ``cfg`` gives the method's meta-network exactly zero gradient, or None.  Checked in
+        :meth:`check_config`, before any compute: such a run is refused unless ``allow_untrained_meta``."""
+        return None
 
     @classmethod
     def _check(cls, cfg, opts) -> None:
@@ -106,6 +127,7 @@ class BiLevelMethod(SingleLevel):
         self.engine = make_engine(cfg.hypergrad, **cfg.hypergrad_args)
         self._net_names = [n for n, _ in net.named_parameters()]
         self._own: dict[str, nn.Module] = {}
+        self._quality: dict[str, float] = {}  # the engine's quality logs of the current step
         p0 = next(net.parameters())
         self._home = {"device": p0.device, "dtype": p0.dtype}
 
@@ -177,9 +199,15 @@ class BiLevelMethod(SingleLevel):
         return FunctionalNet(net, self._net_tensors(net, theta, update_stats=update_stats))
 
     def _hypergradient(self, inner_loss, outer_loss, theta, phi, *, inner_lr: float, inner_steps: int) -> HyperGrad:
-        """The engine's meta-gradients, or :class:`Joint`'s for the one-stage variant."""
+        """The engine's meta-gradients, or :class:`Joint`'s for the one-stage variant.  The engine's quality logs
+        (``cg_residual``, ``neumann_growth``, ``fd_check_error``; the worst over the step's calls) are added to the
+        step's logs by :meth:`compute_grads`."""
         engine = Joint() if self.one_stage else self.engine
-        return engine(inner_loss, outer_loss, theta, phi, inner_lr=inner_lr, inner_steps=inner_steps)
+        hg = engine(inner_loss, outer_loss, theta, phi, inner_lr=inner_lr, inner_steps=inner_steps)
+        for key in engine.QUALITY_LOGS:  # the engine's own quality measure, the worst of the step's calls (#24)
+            if key in hg.logs:
+                self._quality[key] = max(self._quality.get(key, hg.logs[key]), hg.logs[key])
+        return hg
 
     @staticmethod
     def _grad_norm(grads: list[Tensor]) -> float:
@@ -201,8 +229,10 @@ class BiLevelMethod(SingleLevel):
         # scaled_dot_product_attention implement only first derivatives (ViT backbones, MAE).
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        self._quality: dict[str, float] = {}
         with sdpa_kernel(SDPBackend.MATH):
-            return self._step(net, views)
+            logs = self._step(net, views)
+        return {**logs, **self._quality}
 
     def _step(self, net: SSLNet, views: list[Tensor]) -> dict[str, float]:  # pragma: no cover
         raise NotImplementedError

@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bilevel import BiLevelMethod, MetaArgs
+from .bilevel import FIRST_ORDER_ENGINES, FIRST_ORDER_WHY, BiLevelMethod, MetaArgs
 from .hypergrad import set_grads
 from .meta import SSLNet, check_n_tasks, take
 from .objectives import Objective, Outputs
@@ -109,6 +109,9 @@ class GeSSLConfig(MetaArgs):
       App. G.4 comparison would be meaningless.  Measured on a tiny net (``tests/test_gessl_method.py``): with
       ``False`` aid_fd matches second_order to 1e-7 in float64; with ``True`` they differ by 40%.
     * ``variant`` = "bilevel" - or an ablation of Fig. 11 (:data:`VARIANTS`, see :class:`GeSSL`).
+    * ``allow_untrained_meta`` = False - *ours*: ``first_order`` and ``momentum_proxy`` give g exactly zero
+      gradient (g enters only the inner loss), so such a run is refused by ``check_config`` unless this is True
+      (an engine ablation that means it, e.g. notebook 13).
     """
 
     method = "gessl"
@@ -125,12 +128,14 @@ class GeSSLConfig(MetaArgs):
     g_residual: bool = True
     g_detach: bool = False
     variant: str = "bilevel"
+    allow_untrained_meta: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"meta_args: gessl variant {self.variant!r} unknown; allowed: {', '.join(VARIANTS)}")
         for key, kind in (("mu", float), ("k", float), ("inner_lr", float), ("m", int), ("inner_steps", int),
                           ("g_hidden", int), ("cov_rank", int), ("g_residual", bool), ("g_detach", bool),
+                          ("allow_untrained_meta", bool),
                           ("stats", str), ("reduction", str)):
             _check_type(key, getattr(self, key), kind)
         for key, allowed in (("stats", STATS), ("reduction", REDUCTIONS[:2])):
@@ -393,7 +398,8 @@ class GeSSL(BiLevelMethod):
       the objective's state (queue, centre) are updated after the outer optimizer step, from the query outputs.
     * **First-order and momentum-proxy engines**: g gets *exactly zero* gradient from the outer loss (L_out does
       not contain g, and these engines drop the path through θ').  g then stays at its initialisation (modulo
-      weight decay): these engines train a GeSSL without a learned threshold.  Logged as ``g_grad_norm``.
+      weight decay): these engines train a GeSSL without a learned threshold.  Logged as ``g_grad_norm``;
+      :meth:`check_config` refuses such a run unless ``meta_args: {allow_untrained_meta: true}`` (#24).
 
     * **Generative objectives** (MAE, §3.2: "for G-SSL methods, the anchor of each pair is the source sample;
       x¹ and x² are generated from that anchor by applying two different masking operations"): one augmented view
@@ -425,6 +431,12 @@ class GeSSL(BiLevelMethod):
         if objective_class(cfg.objective).n_views not in (1, 2):
             raise ValueError(f"objective: gessl needs a two-view (discriminative) or one-view masked (generative) "
                              f"objective; {cfg.objective} uses {objective_class(cfg.objective).n_views} views")
+
+    @classmethod
+    def _untrained_meta(cls, cfg, opts: GeSSLConfig) -> str | None:
+        if cfg.hypergrad in FIRST_ORDER_ENGINES and opts.variant != cls.one_stage_variant:
+            return "g enters only the inner loss; " + FIRST_ORDER_WHY
+        return None
 
     def __init__(self, objective: Objective, net: SSLNet, cfg):
         super().__init__(objective, net, cfg)

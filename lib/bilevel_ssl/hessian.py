@@ -168,12 +168,17 @@ def neumann_inverse(matvec: MatVec, b: Params, iters: int, alpha: float) -> list
     (Lorraine et al. 2020, Eq. 9 and Alg. 3)."""
     _check_int("iters", iters, 0)
     _check_real("alpha", alpha, lo=0.0, lo_open=True)
+    return _neumann(matvec, b, iters, float(alpha))[0]
+
+
+def _neumann(matvec: MatVec, b: Params, iters: int, alpha: float) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`neumann_inverse` and its last term (I − αA)^K b (its norm against ‖b‖ says whether it converges)."""
     p = [t.detach().clone() for t in b]
     acc = [t.clone() for t in p]
     for _ in range(iters):
         p = [pi - alpha * a.detach() for pi, a in zip(p, matvec(p))]
         acc = [ai + pi for ai, pi in zip(acc, p)]
-    return [alpha * a for a in acc]
+    return [alpha * a for a in acc], p
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -18,8 +18,19 @@ The caller writes them into ``.grad`` (:func:`set_grads`) and steps its own opti
 Which engine is exact when:
 
 * ``second_order`` - exact for every ς (reverse mode through the unrolled inner loop).
-* ``aid_fd`` - exact up to the finite-difference error O(ε²) (zero for quadratic L_in) for every ς; it is the
-  reverse pass of ``second_order`` with every Hessian-vector product replaced by a central difference of gradients.
+* ``aid_fd`` - the reverse pass of ``second_order`` with every Hessian-vector product replaced by a central
+  difference of gradients.  Its error is O(ε²) only where L_in is twice continuously differentiable along the
+  segment θ ± εv (and zero for quadratic L_in).  **Not so on the default Conv-4**: ReLU and max-pool make the
+  Hessian jump, the difference straddles the kinks, and at DARTS' ``fd_r`` = 0.01 (the earlier default) the
+  θ-gradient is off by 177-621 % (φ 3-11 %) on the float64 Conv-4 of ``tests/test_hypergrad_conv4.py``; exact (to
+  1e-7) at ``fd_r`` <= 1e-4 in float64, hence the default 1e-4.  With softplus / average pooling the error is
+  O(fd_r²) again.
+* Measured on that Conv-4 (one inner step from a random init): ``second_order`` exact; ``aid_fd`` (1e-4) exact to
+  1e-7; ``aid_cg`` / ``aid_neumann`` estimate the implicit (inner-optimum) hypergradient, which is not the
+  one-step one: φ 0.9-1.6 off with the default damping 1/α (undamped, the earlier default: 2-64x, residual 3-74);
+  Neumann with the earlier step α = inner_lr diverged (φ 1e3-1e7 off; now 1/λ̂ by power iteration);
+  ``first_order`` / ``momentum_proxy`` give φ exactly zero.  Each engine logs its own quality measure
+  (``fd_check_error``, ``cg_residual``, ``neumann_growth``) and warns or stops (option ``on_bad``).
 * ``aid_cg`` / ``aid_neumann`` - the φ-gradient is exact (up to solver error) in the limit where θ' is the
   minimiser of L_in(·, φ) with a positive definite Hessian (implicit function theorem), i.e. ς → ∞.  Their θ-gradient
   is the first-order one (see :class:`AidCG`).
@@ -33,17 +44,20 @@ lives in :mod:`bilevel_ssl.hessian` and is re-exported here.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Union
 
 import torch
 from torch import Tensor
 
-from .hessian import (InnerHessian, LossFn, Params, _cg, _check_int, _check_like, _check_real, _grad, _leaves, _norm,
-                      conjugate_gradient, hvp, inner_hessian, mixed_hvp, neumann_inverse)
+from .hessian import (InnerHessian, LossFn, Params, _cg, _check_int, _check_like, _check_real, _grad, _leaves, _neumann,
+                      _norm, conjugate_gradient, hvp, inner_hessian, mixed_hvp, neumann_inverse)
 
 __all__ = [
     "HyperGrad",
+    "HypergradQualityError",
+    "ON_BAD",
     "InnerHessian",
     "inner_hessian",
     "hvp",
@@ -61,6 +75,20 @@ __all__ = [
     "hypergradient",
     "set_grads",
 ]
+
+ON_BAD = ("warn", "stop")  # what an engine does when its own quality measure is bad (option ``on_bad``)
+
+
+class HypergradQualityError(FloatingPointError):
+    """An engine's quality measure is bad and its option ``on_bad`` is ``stop``.  Raised inside the step, i.e.
+    before the optimizer step (a FloatingPointError: the trainer and the notebooks treat it as a diverged run)."""
+
+
+def _check_choice(name: str, value, allowed: tuple, engine: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"hypergrad: {engine} option {name!r} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
 
 def _check_bool(name: str, value, engine: str) -> bool:
     if not isinstance(value, bool):
@@ -123,6 +151,23 @@ def _outer_grads(outer_loss: LossFn, theta_adapted: Params, phi: Params) -> tupl
 class _Engine:
     name = ""
     OPTIONS: tuple[str, ...] = ()
+    QUALITY_LOGS: tuple[str, ...] = ()  # the log keys of the engine's own quality measure (#24)
+    on_bad = "warn"
+    _warned = False
+
+    def _judge(self, measure: str, value: float, limit: float, fix: str) -> None:
+        """``on_bad`` when ``value`` of ``measure`` is above ``limit`` (or not finite): ``warn`` - one
+        ``warnings.warn`` per engine object, i.e. per run; ``stop`` - raise :class:`HypergradQualityError`."""
+        if value <= limit:
+            return
+        msg = (f"hypergrad: engine {self.name!r}: {measure} = {value:.3g} (above {limit:g}), so its hypergradient is "
+               f"not the exact one; {fix}")
+        if self.on_bad == "stop":
+            raise HypergradQualityError(msg + " (on_bad: stop)")
+        if not self._warned:
+            self._warned = True
+            warnings.warn(msg + " (warned once per run; hypergrad_args on_bad: stop makes it an error)",
+                          RuntimeWarning, stacklevel=4)
 
     def __call__(self, inner_loss: LossFn, outer_loss: LossFn, theta: Params, phi: Params, *, inner_lr: float,
                  inner_steps: int = 1) -> HyperGrad:
@@ -206,8 +251,15 @@ class AidFD(_Engine):
 
         ∇²_{(θ,φ)θ} L_in · v ≈ [∇_{θ,φ} L_in(θ + εv, φ) − ∇_{θ,φ} L_in(θ − εv, φ)] / (2ε),   ε = r / ‖v‖,
 
-    with r = ``fd_r`` (DARTS: 0.01) and ‖v‖ the norm over all tensors of θ.  The central difference has error
-    O(ε²) and is exact (up to rounding) for quadratic L_in.  GeSSL's Eq. 25 writes a one-sided difference with θ and
+    with r = ``fd_r`` and ‖v‖ the norm over all tensors of θ.  Default r = 1e-4, *not* DARTS' (and GeSSL's) 0.01:
+    on the default Conv-4 (float64, seeds 0-3 of ``tests/test_hypergrad_conv4.py``) the spot check below measures a
+    relative error of 1.0-6.4 at 0.01, up to 11 at 3e-3 and 5.5 at 1e-3, and <= 4.2e-7 at 1e-4; in float32 1e-4 gives
+    1e-3-3e-3 on 9 of 10 draws (one draw with a kink inside the difference: 21).  Pass ``fd_r: 0.01`` for the
+    paper's setting.  The central difference has error
+    O(ε²) *where L_in is C² on the segment θ ± εv* and is exact (up to rounding) for quadratic L_in.  It is not on
+    a ReLU / max-pool network: on the default Conv-4 (``tests/test_hypergrad_conv4.py``, float64) the default
+    r = 0.01 gives a θ-gradient 177-621 % off the exact one (φ 3-11 %), r = 1e-3 up to 430 %; r <= 1e-4 is exact
+    to 1e-7.  The difference straddles activation / pooling kinks, where the Hessian is discontinuous.  GeSSL's Eq. 25 writes a one-sided difference with θ and
     φ swapped; we follow the cited source (DARTS Eq. 8).
 
     ς > 1: the same reverse pass as ``second_order``, with each Hessian-vector product replaced by the central
@@ -219,13 +271,32 @@ class AidFD(_Engine):
     Cost: ς (F+B) of L_in for the trajectory, 1 (F+B) of L_out, 2ς (F+B) of L_in for the differences; no double
     backward.  Note: L_in is evaluated 3ς times, so a train-mode BatchNorm inside it updates its running statistics
     3ς times per call.
+
+    Quality (#24): every ``check_every`` calls (the first call included; 0: never) the finite difference of the
+    last inner step is compared with the exact product ∇²_{(θ,φ)θ} L_in · v by double backward at the same point
+    and batch; ``fd_check_error`` = ‖FD − exact‖ / ‖exact‖ is logged (the last measured value between checks), and
+    above ``check_tol`` (default 0.1) ``on_bad`` acts (``warn`` once per run, or ``stop``).  Cost of a check:
+    one forward and a double backward of L_in, every ``check_every`` steps.  The call counter is not checkpointed
+    (a resumed run checks on its first call).
     """
 
     name = "aid_fd"
-    OPTIONS = ("fd_r",)
+    OPTIONS = ("fd_r", "check_every", "check_tol", "on_bad")
+    QUALITY_LOGS = ("fd_check_error",)
 
-    def __init__(self, *, fd_r: float = 0.01):
+    def __init__(self, *, fd_r: float = 1e-4, check_every: int = 50, check_tol: float = 0.1, on_bad: str = "warn"):
         self.fd_r = _check_real("fd_r", fd_r, lo=0.0, lo_open=True, engine=self.name)
+        self.check_every = _check_int("check_every", check_every, 0, engine=self.name)
+        self.check_tol = _check_real("check_tol", check_tol, lo=0.0, lo_open=True, engine=self.name)
+        self.on_bad = _check_choice("on_bad", on_bad, ON_BAD, self.name)
+        self.calls, self.last_check = 0, None
+
+    def _spot_check(self, inner_loss, theta_k, phi, v, diff) -> float:
+        H = inner_hessian(inner_loss, theta_k, phi)
+        exact = H.hvp(v) + H.mixed(v)
+        den = float(_norm(exact))
+        err = float(_norm([d - e for d, e in zip(diff, exact)]))
+        return err / den if den > 0 else (0.0 if err == 0 else float("inf"))
 
     def _run(self, inner_loss, outer_loss, theta, phi, lr, steps):
         traj, first = _inner_descent(inner_loss, theta, phi, lr, steps)
@@ -245,10 +316,19 @@ class AidFD(_Engine):
                 ph = _leaves(phi)
                 grads.append(_grad(inner_loss(th, ph), th + ph))
             diff = [(gp - gm) / (2 * eps) for gp, gm in zip(*grads)]
+            if k == steps - 1 and self.check_every and self.calls % self.check_every == 0:
+                self.last_check = self._spot_check(inner_loss, traj[k], phi, v, diff)
+                self._judge("fd_check_error (relative error of the finite-difference Hessian-vector product against "
+                            "the exact one)", self.last_check, self.check_tol,
+                            f"fd_r = {self.fd_r:g} straddles ReLU/max-pool kinks; use a smaller fd_r (1e-4 or below, "
+                            f"float64 for the smallest) or hypergrad second_order")
             dphi = [d - lr * h for d, h in zip(dphi, diff[n:])]
             v = [vi - lr * h for vi, h in zip(v, diff[:n])]
-        return HyperGrad([t.detach() for t in v], [t.detach() for t in dphi], traj[-1],
-                         {"inner_loss": first, "outer_loss": out, "fd_eps": eps_log})
+        self.calls += 1
+        logs = {"inner_loss": first, "outer_loss": out, "fd_eps": eps_log}
+        if self.last_check is not None:
+            logs["fd_check_error"] = self.last_check
+        return HyperGrad([t.detach() for t in v], [t.detach() for t in dphi], traj[-1], logs)
 
 
 class _Aid(_Engine):
@@ -277,8 +357,13 @@ class AidCG(_Aid):
 
         dF/dφ = ∂_φ L_out − ∇²_φθ L_in · [∇²_θθ L_in]⁻¹ ∇_θ' L_out,      all at (θ', φ).
 
-    w = [∇²_θθ L_in + λI]⁻¹ v is found by ``cg_iters`` CG iterations (λ = ``cg_damping``, default 0; use λ > 0 when
-    L_in is not locally convex) on double-backward Hessian-vector products that share one gradient graph.
+    w = [∇²_θθ L_in + λI]⁻¹ v is found by ``cg_iters`` CG iterations (λ = ``cg_damping``) on double-backward
+    Hessian-vector products that share one gradient graph.  Default λ = 1/``inner_lr`` (``cg_damping: null``): the
+    iMAML proximal weight that makes α(I + αH)⁻¹ ≈ α(I − αH) the one-step unrolled map to first order; undamped
+    (λ = 0, the earlier default) CG on the indefinite Hessian of the default Conv-4 after one step (eigenvalues
+    about [−130, 263]) gave relative residuals 2.9-74 and φ-gradients 2-64x off the unrolled one; with λ = 1/α
+    (10) residuals 0.5-2.2 and φ 0.9-1.6 off (``tests/test_hypergrad_conv4.py``, seeds 0-2).  No damping makes
+    the implicit φ-gradient equal the one-step hypergradient away from an inner optimum.
     (GeSSL's Eq. 22-24 write this formula with the second derivatives dropped; we implement the standard one.)
 
     θ-gradient: the first-order one, ∇_θ' L_out.  Implicit differentiation defines θ' through φ alone; at an exact
@@ -289,20 +374,34 @@ class AidCG(_Aid):
 
     Cost: ς (F+B) of L_in, 1 (F+B) of L_out, 1 F + 1 B with ``create_graph`` of L_in at θ', ``cg_iters`` + 1
     backward passes through that gradient graph (≈ 2 backward passes each).
+
+    Quality (#24), every call at no extra cost: ``cg_residual`` = ‖v − (H + λI)w‖ / ‖v‖, logged; above
+    ``max_residual`` (default 0.1) ``on_bad`` acts (``warn`` once per run, or ``stop``).  On the float64 Conv-4 of
+    ``tests/test_hypergrad_conv4.py`` at the defaults (indefinite Hessian after one step) it is 3-74.
     """
 
     name = "aid_cg"
-    OPTIONS = ("cg_iters", "cg_damping", "cg_layerwise")
+    OPTIONS = ("cg_iters", "cg_damping", "cg_layerwise", "max_residual", "on_bad")
+    QUALITY_LOGS = ("cg_residual",)
 
-    def __init__(self, *, cg_iters: int = 5, cg_damping: float = 0.0, cg_layerwise: bool = False):
+    def __init__(self, *, cg_iters: int = 5, cg_damping: float | None = None, cg_layerwise: bool = False,
+                 max_residual: float = 0.1, on_bad: str = "warn"):
         self.cg_iters = _check_int("cg_iters", cg_iters, 1, engine=self.name)
-        self.cg_damping = _check_real("cg_damping", cg_damping, lo=0.0, engine=self.name)
+        self.cg_damping = (None if cg_damping is None else
+                           _check_real("cg_damping", cg_damping, lo=0.0, engine=self.name))
         self.cg_layerwise = _check_bool("cg_layerwise", cg_layerwise, self.name)
+        self.max_residual = _check_real("max_residual", max_residual, lo=0.0, lo_open=True, engine=self.name)
+        self.on_bad = _check_choice("on_bad", on_bad, ON_BAD, self.name)
 
     def _solve(self, H, v, lr):
-        w, r = _cg(H.hvp, v, self.cg_iters, self.cg_damping, self.cg_layerwise)
+        damping = 1.0 / lr if self.cg_damping is None else self.cg_damping
+        w, r = _cg(H.hvp, v, self.cg_iters, damping, self.cg_layerwise)
         bn = float(_norm(v))
-        return w, {"cg_residual": float(_norm(r)) / bn if bn > 0 else 0.0}
+        res = float(_norm(r)) / bn if bn > 0 else 0.0
+        self._judge("cg_residual (relative residual of the CG solve)", res, self.max_residual,
+                    "the inner Hessian is likely indefinite or ill-conditioned here; raise cg_damping (e.g. 1.0) "
+                    "and/or cg_iters, or use hypergrad second_order")
+        return w, {"cg_residual": res}
 
 
 class AidNeumann(_Aid):
@@ -311,24 +410,57 @@ class AidNeumann(_Aid):
 
         [∇²_θθ L_in]⁻¹ v ≈ α_N Σ_{k=0}^{K} (I − α_N ∇²_θθ L_in)^k v,    K = ``neumann_iters``,
 
-    α_N = ``neumann_alpha`` (default: ``inner_lr``, as Lorraine et al., who use the inner optimiser's step; it needs
-    the spectral radius of I − α_N H below 1, the same condition as a stable inner gradient step).  (GeSSL's Eq. 23
+    α_N = ``neumann_alpha``; it needs the spectral radius of I − α_N H below 1.  Default (``null``): 1/λ̂ with λ̂
+    the largest |eigenvalue| of ∇²_θθ L_in by ``power_iters`` (10) power iterations (10 more Hessian-vector
+    products).  The earlier default, ``inner_lr`` (Lorraine et al. use the inner optimiser's step), diverged on the
+    default Conv-4 (λ_max 50-263 against 2/α = 20: growth 1e3-1e5, φ 1e3-1e7 off); with 1/λ̂ the growth is 1.0-7
+    (the remaining excess: negative eigenvalues, for which no step converges - the quality check says so).  (GeSSL's Eq. 23
     writes the series as Σ(−1)^k H^k, which converges only for ‖H‖ < 1; the scaled form is the cited method's.)
 
-    Cost: as :class:`AidCG` with ``neumann_iters`` Hessian-vector products.
+    Cost: as :class:`AidCG` with ``neumann_iters`` (+ ``power_iters`` for the default step) Hessian-vector products.
+
+    Quality (#24), every call at no extra cost: ``neumann_growth`` = ‖(I − α_N H)^K v‖ / ‖v‖, the last term of
+    the series against the first, logged.  H is symmetric, so a growth above 1 means a spectral radius of
+    I − α_N H above 1: the series diverges; above ``max_growth`` (default 1.0) ``on_bad`` acts (``warn`` once per
+    run, or ``stop``).  On the float64 Conv-4 of ``tests/test_hypergrad_conv4.py`` the default step diverges.
     """
 
     name = "aid_neumann"
-    OPTIONS = ("neumann_iters", "neumann_alpha")
+    OPTIONS = ("neumann_iters", "neumann_alpha", "max_growth", "on_bad", "power_iters")
+    QUALITY_LOGS = ("neumann_growth",)
 
-    def __init__(self, *, neumann_iters: int = 5, neumann_alpha: float | None = None):
+    def __init__(self, *, neumann_iters: int = 5, neumann_alpha: float | None = None, max_growth: float = 1.0,
+                 on_bad: str = "warn", power_iters: int = 10):
         self.neumann_iters = _check_int("neumann_iters", neumann_iters, 1, engine=self.name)
+        self.power_iters = _check_int("power_iters", power_iters, 1, engine=self.name)
         self.neumann_alpha = (None if neumann_alpha is None else
                               _check_real("neumann_alpha", neumann_alpha, lo=0.0, lo_open=True, engine=self.name))
+        self.max_growth = _check_real("max_growth", max_growth, lo=0.0, lo_open=True, engine=self.name)
+        self.on_bad = _check_choice("on_bad", on_bad, ON_BAD, self.name)
+
+    def _power_alpha(self, H, v) -> float:
+        """1 / |λ|_max of the inner Hessian by ``power_iters`` power iterations from v (≥ 1/λ_max, and the power
+        estimate λ̂ ≤ |λ|_max, so the positive part of the spectrum of I − αH lies in [1 − λ_max/λ̂, 1): converges
+        while λ̂ > λ_max / 2)."""
+        x, lam = [t.detach().clone() for t in v], 0.0
+        for _ in range(self.power_iters):
+            nx = float(_norm(x))
+            if nx == 0.0:
+                break
+            hx = H.hvp([t / nx for t in x])
+            lam, x = float(_norm(hx)), hx
+        return 1.0 / lam if lam > 0 else 1.0
 
     def _solve(self, H, v, lr):
-        alpha = lr if self.neumann_alpha is None else self.neumann_alpha
-        return neumann_inverse(H.hvp, v, self.neumann_iters, alpha), {"neumann_alpha": alpha}
+        alpha = self._power_alpha(H, v) if self.neumann_alpha is None else self.neumann_alpha
+        w, last = _neumann(H.hvp, v, self.neumann_iters, alpha)
+        bn = float(_norm(v))
+        growth = float(_norm(last)) / bn if bn > 0 else 0.0
+        self._judge("neumann_growth (norm of the last series term over the first)", growth, self.max_growth,
+                    f"the series diverges with step neumann_alpha = {alpha:g} (needs < 2/λ_max of the inner Hessian, "
+                    f"and a positive definite one); set a smaller neumann_alpha, or use aid_cg with cg_damping or "
+                    f"second_order")
+        return w, {"neumann_alpha": alpha, "neumann_growth": growth}
 
 
 class MomentumProxy(_Engine):

@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bilevel import BiLevelMethod, MetaArgs
+from .bilevel import FIRST_ORDER_ENGINES, FIRST_ORDER_WHY, BiLevelMethod, MetaArgs
 from .hypergrad import set_grads
 from .meta import SSLNet
 from .objectives import Objective, Outputs
@@ -304,6 +304,9 @@ class MCRConfig(MetaArgs):
       Ẑ still depends on ξ, which is what carries ξ's hypergradient through θ_ξ (Eq. 9).  L_comp (Eq. 9, ξ only)
       always reads a detached input.
     * ``check`` = "error" - a divergent series raises (:class:`SeriesDivergenceError`); "warn", "off".
+    * ``allow_untrained_meta`` = False - *ours*: with ``lambda2: 0`` the outer loss does not use ξ, so
+      ``first_order`` / ``momentum_proxy`` give CompMod exactly zero gradient; ``check_config`` refuses such a run
+      unless this is True.
     """
 
     lambda1: float = 0.01
@@ -318,6 +321,7 @@ class MCRConfig(MetaArgs):
     normalize: bool = True
     detach_target: bool = True
     check: str = "error"
+    allow_untrained_meta: bool = False
 
     method = "mcr"
 
@@ -336,7 +340,7 @@ class MCRConfig(MetaArgs):
         for key, allowed in (("fusion", FUSIONS), ("variant", VARIANTS), ("check", CHECKS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"meta_args.{key}: unknown value {getattr(self, key)!r}; allowed: {', '.join(allowed)}")
-        for key in ("normalize", "detach_target"):
+        for key in ("normalize", "detach_target", "allow_untrained_meta"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"meta_args.{key}: must be true or false, got {getattr(self, key)!r}")
         if self.mixup_alpha is not None:
@@ -431,6 +435,12 @@ class MCR(BiLevelMethod):
             raise ValueError(f"objective: mcr needs a two-view discriminative objective with embeddings z (it fuses "
                              f"the two views' features); got {cfg.objective!r}")
 
+    @classmethod
+    def _untrained_meta(cls, cfg, opts: MCRConfig) -> str | None:
+        if cfg.hypergrad in FIRST_ORDER_ENGINES and opts.variant == "bilevel" and opts.lambda2 == 0:
+            return "with lambda2 = 0 CompMod's ξ enters only the inner loss; " + FIRST_ORDER_WHY
+        return None
+
     def __init__(self, objective: Objective, net: SSLNet, cfg):
         super().__init__(objective, net, cfg)
         self.inner_lr = float(cfg.lr if self.cfg.inner_lr is None else self.cfg.inner_lr)
@@ -506,7 +516,7 @@ class MCR(BiLevelMethod):
         else:
             g_theta = self._grads(ssl + c.lambda1 * mcr, theta)
             inner, outer, stash = self._losses(net, x, teacher, comp_in, alpha)
-            hg = self.engine(inner, outer, theta, xi, inner_lr=self.inner_lr, inner_steps=1)
+            hg = self._hypergradient(inner, outer, theta, xi, inner_lr=self.inner_lr, inner_steps=1)
             g_xi = hg.phi_grads
             logs.update(comp=stash["comp"], outer_ssl=stash["outer_ssl"], outer_loss=hg.logs["outer_loss"])
         set_grads(theta, g_theta)
