@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .augment import make_views, preset
+from .bilevel import FIRST_ORDER_ENGINES
 from .config import TrainConfig
 from .hypergrad import ENGINES
 from .meta import make_meta
@@ -95,6 +96,8 @@ def cases() -> dict[str, dict]:
         out[name] = {"objective": name, **({"backbone": "vit_tiny"} if name == "mae" else {})}
     for engine in ENGINES:
         out[f"gessl_{engine}"] = {"objective": "simclr", "meta": "gessl", "hypergrad": engine}
+        if engine in FIRST_ORDER_ENGINES:  # timed as the paper's cheaper variants, knowing g gets no gradient
+            out[f"gessl_{engine}"]["meta_args"] = {"allow_untrained_meta": True}
     # the multi-task baselines of TC²'s Fig. 1 and TC² itself (both stages, exact second order), MCR (Algorithm 1)
     for combine in ("sum", "pcgrad", "gradvac"):
         out[f"multitask_{combine}"] = {"objective": "simclr", "meta": "multitask", "meta_args": {"combine": combine}}
