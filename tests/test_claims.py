@@ -395,3 +395,22 @@ def test_notebook_tables_name_every_declared_run():
         missing = [r.reason for r in v.results + v.secondary if "not in the table" in r.reason]
         assert not missing, (cid, missing)
         assert all(r.n >= 3 for r in v.results), cid
+
+
+def test_decide_notebook_structure_and_summaries():
+    """The notebook helpers: every claim of a notebook, the CPU-stable structure text, the one-line summaries."""
+    tables = notebook_frames()
+    vs = C.decide_notebook("10_gessl_universality", tables["10_gessl_universality"])
+    assert list(vs) == [cid for cid, c in C.CLAIMS.items() if c.notebook == "10_gessl_universality"]
+    text = C.structure(vs)
+    assert "R1: 6 primary, 0 secondary comparisons" in text
+    assert "simclr +GeSSL > simclr base: linear_acc: n = 5" in text
+    assert not any(lab in text for lab in C.LABELS)  # no label: it may differ across CPUs
+    summary = C.summaries(vs)
+    assert set(summary) == set(vs) and all(s.startswith(vs[k].label) for k, s in summary.items())
+
+
+def test_variance_ratio():
+    r = C.variance_ratio([0.0, 0.01, 0.02, 0.0, 0.01], [0.0, 1.0, 2.0, 0.5, 1.5])
+    assert r["side"] == "lower" and r["hi"] < 1 and r["lo"] < r["ratio"] < r["hi"]
+    assert C.variance_ratio([1.0], [1.0, 2.0])["side"] == "not resolved"

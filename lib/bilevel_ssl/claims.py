@@ -632,3 +632,49 @@ def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- notebook helpers
+
+def decide_notebook(notebook: str, table, **kw) -> dict[str, ClaimVerdict]:
+    """Every claim that ``notebook`` tests (``Claim.notebook``), decided on its long ``table``: {id: verdict}."""
+    return {cid: decide(cid, table, **kw) for cid, c in CLAIMS.items() if c.notebook == notebook}
+
+
+def structure(verdicts) -> str:
+    """What of the verdicts is the same on every CPU: the claim ids, the comparison names and the number of paired
+    seeds of each (the nbval-checked cells print this; labels and numbers are compared elsewhere, within measured
+    tolerances, because float results differ in the last bits across CPU kernel sets)."""
+    verdicts = list(verdicts.values()) if isinstance(verdicts, dict) else list(verdicts)
+    lines = []
+    for v in verdicts:
+        lines.append(f"{v.claim.id}: {len(v.results)} primary, {len(v.secondary)} secondary comparisons")
+        lines += [f"  {'primary  ' if r.comparison.primary else 'secondary'} {r.comparison.name}: n = {r.n}"
+                  for r in v.results + v.secondary]
+    return "\n".join(lines)
+
+
+def summaries(verdicts) -> dict[str, str]:
+    """{claim id: "label (reason)"}: the one-line verdicts of ``metrics.json`` ``verdicts`` (outputs/index.md)."""
+    verdicts = verdicts.values() if isinstance(verdicts, dict) else verdicts
+    return {v.claim.id: f"{v.label} ({v.reason})" for v in verdicts}
+
+
+def variance_ratio(a, b, *, alpha: float = ALPHA) -> dict:
+    """For a spread over seeds, which the paired rule does not cover (R8's seed spread, R10's unstable gains):
+    ``var(a) / var(b)`` of two independent samples with its two-sided ``1 − alpha`` F interval.  ``side`` is
+    "lower" / "higher" when the interval lies below / above 1, else "not resolved" (also with < 2 values a side)."""
+    from scipy.stats import f as f_dist
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    out = {"std_a": float("nan"), "std_b": float("nan"), "ratio": float("nan"), "lo": float("nan"),
+           "hi": float("nan"), "n_a": len(a), "n_b": len(b), "side": "not resolved"}
+    if min(len(a), len(b)) < 2:
+        return out
+    va, vb = float(np.var(a, ddof=1)), float(np.var(b, ddof=1))
+    ratio = va / vb if vb > 0 else float("inf")
+    lo = ratio / f_dist.ppf(1 - alpha / 2, len(a) - 1, len(b) - 1)
+    hi = ratio / f_dist.ppf(alpha / 2, len(a) - 1, len(b) - 1)
+    side = "lower" if hi < 1 else "higher" if lo > 1 else "not resolved"
+    return {**out, "std_a": va ** 0.5, "std_b": vb ** 0.5, "ratio": ratio, "lo": lo, "hi": hi, "side": side}

@@ -50,3 +50,247 @@ def savefig(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=fig.dpi, bbox_inches="tight", metadata={"Software": None})
     return path
+
+
+# ------------------------------------------------------------------------------- figures of the claim notebooks
+
+def fd_step_plot(sweep, points, dtypes):
+    """Notebook 13: relative error of ``aid_fd`` against ``second_order`` over ``fd_r``, one panel per point."""
+    fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 3.6), dpi=100, squeeze=False)
+    for ax, point in zip(axes[0], points):
+        for (dname, part), style in zip([(d, p) for d in dtypes for p in ("theta", "g")], ["o-", "s--", "o:", "s-."]):
+            s = sweep[(sweep.point == point) & (sweep.dtype == dname)]
+            ax.loglog(s.fd_r, s[f"{part}_rel_err"], style, ms=4, label=f"{part}-gradient, {dname}")
+        ax.axvline(0.01, color="k", lw=0.7, ls=":", label="library default fd_r = 0.01")
+        ax.axhline(1.0, color="grey", lw=0.7)
+        ax.set(xlabel="fd_r", ylabel="relative error vs second_order", title=f"aid_fd at the {point} point")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def cosine_bars(check):
+    """Notebook 13: each engine's θ- and g-gradient cosine with ``second_order``, bars per point."""
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100)
+    long = check.reset_index().melt(id_vars=["point", "engine"], value_vars=["theta_cos", "g_cos"],
+                                    var_name="gradient", value_name="cosine")
+    for ax, part in zip(axes, ["theta_cos", "g_cos"]):
+        sns.barplot(data=long[long.gradient == part], x="engine", y="cosine", hue="point", ax=ax)
+        ax.set(title=f"{part.split('_')[0]}-gradient: cosine with second_order", ylim=(-1.05, 1.05), xlabel="")
+        ax.tick_params(axis="x", rotation=30)
+        ax.axhline(0, color="grey", lw=0.7)
+    fig.tight_layout()
+    return fig
+
+
+def group_accuracy_bars(runs, metrics, panels: dict, *, ref: float | None = None, ref_label: str = "",
+                        suffix: str = ""):
+    """Bars of ``metrics`` per ``label`` (mean, 95% CI whiskers), one panel per ``group`` of ``panels``
+    ({group: title}); diverged runs left out; ``ref`` a dashed reference line."""
+    import seaborn as sns
+
+    ok = runs[runs.diverged == 0] if "diverged" in runs else runs
+    long = ok.melt(id_vars=["group", "label", "seed"], value_vars=metrics, var_name="protocol", value_name="accuracy")
+    widths = [max(1, ok[ok.group == g]["label"].nunique() / 2) for g in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 4 * sum(widths), 3.6), dpi=100, squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, (group, title) in zip(axes[0], panels.items()):
+        sns.barplot(data=long[long.group == group], x="label", y="accuracy", hue="protocol", errorbar=("ci", 95),
+                    ax=ax)
+        if ref is not None:
+            ax.axhline(ref, color="k", ls="--", lw=0.8, label=ref_label)
+        ax.set(title=f"{title}{suffix}", xlabel="", ylim=(0, 1.12))
+        ax.legend(fontsize=7, loc="upper center", ncol=2)
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_time(points: dict, *, ref: tuple | None = None, ref_label: str = "", xlabel="seconds per epoch",
+                     ylabel="linear accuracy", title=""):
+    """One errorbar point per name: ``points = {name: (x, y, yerr)}``; ``ref = (x, y)`` dashed lines."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
+    for name, (x, y, yerr) in points.items():
+        ax.errorbar(x, y, yerr=yerr, fmt="o", capsize=3, label=name)
+    if ref is not None:
+        ax.axhline(ref[1], color="k", ls="--", lw=0.8)
+        ax.axvline(ref[0], color="k", ls="--", lw=0.8, label=ref_label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def mean_curves(panels: dict, *, ylabel: str = "5-NN (monitor subset)", xlabel: str = "epoch", reference: str = ""):
+    """One panel per title of ``panels = {title: {label: [curve of each seed]}}``, the mean over seeds per label;
+    the label ``reference`` is drawn as a dashed black line."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.4), dpi=100, squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        for label, per_seed in curves.items():
+            if not per_seed:
+                continue
+            mean = np.mean(per_seed, axis=0)
+            ax.plot(range(1, len(mean) + 1), mean, "k--" if label == reference else ".-", label=label)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_plot(runs, sweeps: dict, metrics, *, base_line=None, claimed: dict | None = None, xlabels: dict | None = None,
+               log2=("n", "m"), base_label: str = "base", title: str = ""):
+    """Notebook 11: one column per non-empty sweep of ``sweeps = {sweep: values}``, one row per metric; a line per
+    ``method`` (mean, seaborn 95% CI), the base line's mean ± 95% CI as a grey band (not for ``n``, whose base
+    changes with the batch) and the paper's value of ``claimed`` as a dotted red line."""
+    import seaborn as sns
+
+    from bilevel_ssl.evaluate import mean_ci95
+
+    present = [s for s, vals in sweeps.items() if vals]
+    if not present:
+        return None
+    claimed, xlabels = claimed or {}, xlabels or {}
+    fig, axes = plt.subplots(len(metrics), len(present), figsize=(3.6 * len(present), 3.0 * len(metrics)), dpi=100,
+                             squeeze=False)
+    for j, sweep in enumerate(present):
+        sub = runs[runs.sweep == sweep].assign(value=lambda d: d.value.astype(float))
+        for i, metric in enumerate(metrics):
+            ax = axes[i, j]
+            sns.lineplot(data=sub, x="value", y=metric, hue="method", palette={"+GeSSL": "tab:blue", "base": "tab:grey"},
+                         marker="o", errorbar=("ci", 95), seed=0, ax=ax)
+            if sweep != "n" and base_line is not None:
+                mean, ci = mean_ci95(base_line[metric])
+                ax.axhline(mean, color="tab:grey", ls="--", lw=1, label=base_label)
+                ax.axhspan(mean - ci, mean + ci, color="tab:grey", alpha=0.15, lw=0)
+            if sweep in claimed:
+                ax.axvline(claimed[sweep], color="tab:red", ls=":", lw=1, label="paper")
+            if sweep in log2:
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(sweeps[sweep], [str(v) for v in sweeps[sweep]])
+            ax.set(xlabel=xlabels.get(sweep, sweep), ylabel=metric if j == 0 else "")
+            ax.legend(fontsize=7)
+    fig.suptitle(title, y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+def time_sweep_plot(runs, values, *, base_time: float, base_label: str = "base", xlabel: str = "m",
+                    acc: str = "linear_acc"):
+    """Notebook 11: training time per epoch over the m sweep (log2 axis) and accuracy against that time."""
+    import seaborn as sns
+
+    tm = runs.assign(value=lambda d: d.value.astype(float))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=100)
+    sns.lineplot(data=tm, x="value", y="train_s_per_epoch", marker="o", errorbar=("ci", 95), seed=0, ax=ax1)
+    ax1.axhline(base_time, color="tab:grey", ls="--", lw=1, label=base_label)
+    ax1.set(xlabel=xlabel, ylabel="training time per epoch, s", title="cost of the m sweep*")
+    ax1.legend(fontsize=7)
+    ax1.set_xscale("log", base=2)
+    ax1.set_xticks(values, [str(v) for v in values])
+    agg = tm.groupby("value")[["train_s_per_epoch", acc]].mean()
+    ax2.plot(agg.train_s_per_epoch, agg[acc], marker="o")
+    for v, r in agg.iterrows():
+        ax2.annotate(f"m {v:g}", (r.train_s_per_epoch, r[acc]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax2.set(xlabel="training time per epoch, s", ylabel=acc, title="accuracy vs time, Fig. 10")
+    fig.text(0.01, -0.02, "* as measured when each run was trained: a cached run keeps the time of the run that "
+             "trained it, on whatever load the machine had then", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def loss_gradnorm_plot(histories: dict, methods, seeds, *, base: str = "base"):
+    """Notebook 14 (Fig. 7 analog): training loss and probe loss per seed, and the per-epoch mean ± std of the
+    update-gradient norm averaged over seeds; ``histories[(method, seed)]`` = the trainer's history."""
+    import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
+
+    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6), dpi=100)
+    for method in methods:
+        c = palette[method]
+        for i, seed in enumerate(seeds):
+            h = histories[(method, seed)]
+            ep = np.arange(1, len(h) + 1)
+            kw = {"color": c, "alpha": 0.7, "lw": 1, "marker": "." if len(h) == 1 else None,
+                  "label": method if i == 0 else None}
+            axes[0].plot(ep, [r["loss"] for r in h], **kw)
+            axes[1].plot(ep, [r["probe_loss"] for r in h], **kw)
+        gn = np.array([[r["grad_norm"] for r in histories[(method, s)]] for s in seeds])
+        sq = np.array([[r["grad_norm_sq"] for r in histories[(method, s)]] for s in seeds])
+        gsd = np.sqrt(np.clip(sq - gn ** 2, 0, None))
+        ep = np.arange(1, gn.shape[1] + 1)
+        axes[2].plot(ep, gn.mean(0), color=c, marker=".", label=method)
+        axes[2].fill_between(ep, gn.mean(0) - gsd.mean(0), gn.mean(0) + gsd.mean(0), color=c, alpha=0.2)
+    axes[0].set(xlabel="epoch", ylabel="training loss (as logged)", title=f"training loss, {len(seeds)} seed(s)")
+    axes[1].set(xlabel="epoch", ylabel=f"{base} loss on the probe batch", title="probe loss (comparable)")
+    axes[2].set(xlabel="epoch", ylabel="‖update gradient‖", yscale="log",
+                title="gradient norm: mean ± std within epoch")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
+def cost_plot(bench, table, methods, *, base: str = "base", batch_size: int = 0):
+    """Notebook 14 (Tables 28-29 / Fig. 2 analog): step time, peak memory and parameters relative to the base, and
+    linear accuracy (mean ± 95% CI) against the benchmarked seconds per epoch."""
+    import seaborn as sns
+
+    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), dpi=100)
+    rel = bench[["x_base_time", "x_base_memory", "x_base_params"]].rename(
+        columns={"x_base_time": "step time", "x_base_memory": "peak memory", "x_base_params": "parameters"})
+    rel.plot.bar(ax=axes[0], rot=25)
+    axes[0].axhline(1.0, color="k", lw=0.8, ls="--")
+    axes[0].set(ylabel=f"relative to {base} alone", title=f"cost per step at batch {batch_size} (benchmark)",
+                xlabel="")
+    for method in methods:
+        axes[1].errorbar([bench.loc[method, "epoch_s_bench"]], [table.loc[method, "linear_acc"]],
+                         yerr=[table.loc[method, "linear_acc_ci95"]], fmt="o", capsize=3, color=palette[method],
+                         label=method)
+    axes[1].set(xlabel="seconds per epoch (benchmark)", ylabel="linear accuracy", title="accuracy vs time")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def heatmaps(frames: dict, *, xlabel: str = "", ylabel: str = "", fmt: str = ".3f"):
+    """One annotated heatmap per ``{title: DataFrame}`` side by side (notebook 40's λ grid)."""
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, len(frames), figsize=(5 * len(frames), 3.6), dpi=100, squeeze=False)
+    for ax, (title, frame) in zip(axes[0], frames.items()):
+        sns.heatmap(frame, annot=True, fmt=fmt, cmap="viridis", ax=ax, cbar=False)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    fig.tight_layout()
+    return fig
+
+
+def history_panels(histories: dict, keys: dict, *, hline: dict | None = None, title_suffix: str = ""):
+    """One panel per ``keys = {history key: title}``, a line per ``histories = {label: history}`` against epoch;
+    ``hline = {history key: y}`` draws a dashed reference (notebook 40: L_mcr, L_comp and the series bound)."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.3), dpi=100, squeeze=False)
+    for ax, (key, what) in zip(axes[0], keys.items()):
+        for label, h in histories.items():
+            if h:
+                ax.plot([r["epoch"] for r in h], [r[key] for r in h], marker=".", label=label)
+        if hline and key in hline:
+            ax.axhline(hline[key], color="k", lw=0.8, ls="--")
+        ax.set(xlabel="epoch", title=f"{what}{title_suffix}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def smoothed(y, w: int):
+    """Running mean of window ``w`` ("valid" part only); ``y`` itself when ``w <= 1`` or ``y`` is shorter."""
+    y = np.asarray(y)
+    if w <= 1 or len(y) < w:
+        return y
+    return np.convolve(y, np.ones(w) / w, mode="valid")
