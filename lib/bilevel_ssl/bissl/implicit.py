@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..hessian import _cg
+
 Tensors = Sequence[Tensor]
 
 
@@ -42,40 +44,14 @@ def norm(ts: Tensors) -> float:
     return float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in ts)))
 
 
-def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    ok = den != 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
-
-
 def cg_solve(matvec, b: Tensors, iters: int, layerwise: bool) -> tuple[list[Tensor], list[Tensor]]:
-    """``iters`` CG iterations on A x = b from x₀ = 0 (``iters`` calls of ``matvec``): the arithmetic of
-    :func:`bilevel_ssl.hypergrad.conjugate_gradient` with damping 0 (its x, bit for bit: ``tests/test_bissl.py``),
-    also returning CG's recursively updated residual r.  ``layerwise``: one α, β per tensor (the reference's default,
+    """``iters`` CG iterations on A x = b from x₀ = 0 (``iters`` calls of ``matvec``): the CG of
+    :func:`bilevel_ssl.hypergrad.conjugate_gradient` with damping 0 (the same code), also returning its recursively
+    updated residual r.  ``layerwise``: one α, β per tensor (the reference's default,
     reference-facts "BiSSL"), else α = rᵀr / Σ dᵀAd.  For global CG, r = b − A x up to rounding; for layer-wise CG
     it is *not* b − A x unless A is block-diagonal (the per-tensor steps update each block of r with that block's α
     only), so its true residual needs one more product (:func:`implicit_gradient`)."""
-    b = [t.detach() for t in b]
-    x = [torch.zeros_like(t) for t in b]
-    r = [t.clone() for t in b]
-    d = [t.clone() for t in r]
-    rr = [(t * t).sum() for t in r]
-    for _ in range(iters):
-        ad = [a.detach() for a in matvec(d)]
-        dad = [(di * a).sum() for di, a in zip(d, ad)]
-        if layerwise:
-            alpha = [_safe_div(n, m) for n, m in zip(rr, dad)]
-        else:
-            alpha = [_safe_div(sum(rr), sum(dad))] * len(b)
-        x = [xi + a * di for xi, a, di in zip(x, alpha, d)]
-        r = [ri - a * adi for ri, a, adi in zip(r, alpha, ad)]
-        rr_new = [(t * t).sum() for t in r]
-        if layerwise:
-            beta = [_safe_div(n, o) for n, o in zip(rr_new, rr)]
-        else:
-            beta = [_safe_div(sum(rr_new), sum(rr))] * len(b)
-        d = [ri + bt * di for ri, bt, di in zip(r, beta, d)]
-        rr = rr_new
-    return [torch.nan_to_num(t) for t in x], r
+    return _cg(matvec, b, iters, 0.0, bool(layerwise))
 
 
 def implicit_gradient(hvp_fn, v: Tensors, *, lam: float, damping: float, iters: int, layerwise: bool,
