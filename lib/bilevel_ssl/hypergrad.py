@@ -320,8 +320,9 @@ class AidFD(_Engine):
                 self.last_check = self._spot_check(inner_loss, traj[k], phi, v, diff)
                 self._judge("fd_check_error (relative error of the finite-difference Hessian-vector product against "
                             "the exact one)", self.last_check, self.check_tol,
-                            f"fd_r = {self.fd_r:g} straddles ReLU/max-pool kinks; use a smaller fd_r (1e-4 or below, "
-                            f"float64 for the smallest) or hypergrad second_order")
+                            f"the difference at fd_r = {self.fd_r:g} straddles ReLU/max-pool kinks (or float32 "
+                            f"rounding dominates it); try fd_r = {self.fd_r / 10:g} (float64 for the smallest "
+                            f"steps) or hypergrad second_order, which is exact")
             dphi = [d - lr * h for d, h in zip(dphi, diff[n:])]
             v = [vi - lr * h for vi, h in zip(v, diff[:n])]
         self.calls += 1
