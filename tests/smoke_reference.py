@@ -42,7 +42,9 @@ _VOLATILE = re.compile(r"(^|_)(s|ms|mb|time|wall|seconds|iqr|ratio)(_|$)|^bench_
 
 
 def _notebooks() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    from bilevel_ssl.reproduce import list_notebooks
+
+    return list_notebooks()
 
 
 def flatten(tree, prefix: str = "") -> dict[str, float]:
