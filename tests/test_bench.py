@@ -114,3 +114,16 @@ def test_quiet_profiler_drops_only_the_profiler_lines(capfd):
     err = capfd.readouterr().err
     assert "a real error of the profiled step" in err
     assert not [p for p in NOISE if p in err], err
+
+
+def test_thread_count_is_pinned_from_the_environment(monkeypatch):
+    from bilevel_ssl.runtime import pinned_threads
+
+    monkeypatch.delenv("BILEVEL_SSL_THREADS", raising=False)
+    assert pinned_threads() == 2
+    monkeypatch.setenv("BILEVEL_SSL_THREADS", "3")
+    assert pinned_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("BILEVEL_SSL_THREADS", bad)
+        with pytest.raises(ValueError, match="BILEVEL_SSL_THREADS: must be a whole number"):
+            pinned_threads()
