@@ -84,6 +84,7 @@ from scipy.special import stdtr, stdtrit  # Student t cdf and its inverse: scipy
 ALPHA = 0.05
 POWER = 0.8
 LABELS = ("supported", "contradicted", "not resolved")
+NO_VERDICT = "no verdict"  # claim label when the notebook's base runs failed the learning check (protocol.py)
 DIRECTIONS = {"greater": ">", "less": "<", "equivalent": "≈"}
 
 
@@ -531,7 +532,9 @@ class ClaimVerdict:
         k, n = self.counts, len(self.results)
         seeds = sorted({r.n for r in self.results if r.n})
         seeds_txt = f"{seeds[0]}" if len(seeds) == 1 else (f"{seeds[0]}-{seeds[-1]}" if seeds else "no")
-        text = (f"{self.claim.id} ({self.claim.text}; {self.claim.source}) is **{self.label}** at this scale: of "
+        state = (f"gets **{NO_VERDICT}** at this scale ({self.reason}); for information only: of"
+                 if self.label == NO_VERDICT else f"is **{self.label}** at this scale: of")
+        text = (f"{self.claim.id} ({self.claim.text}; {self.claim.source}) {state} "
                 f"{n} primary comparison{'s' * (n != 1)}, {k['supported']} supported, {k['contradicted']} "
                 f"contradicted and {k['not resolved']} not resolved (paired over {seeds_txt} seeds, Student t, "
                 f"Holm-Bonferroni at α = {self.alpha:g}).")
@@ -583,9 +586,15 @@ def _md_row(r: ComparisonResult) -> dict:
                               if x).replace("|", "\\|")}
 
 
-def decide(claim: str | Claim, table, *, alpha: float = ALPHA, power: float = POWER) -> ClaimVerdict:
+def decide(claim: str | Claim, table, *, alpha: float = ALPHA, power: float = POWER,
+           learning=None) -> ClaimVerdict:
     """Decide one claim (an id of :data:`CLAIMS` or a :class:`Claim`) on a per-seed ``table`` by the rule of this
-    module.  Raises if none of the claim's runs is in the table (the wrong table, not a result)."""
+    module.  Raises if none of the claim's runs is in the table (the wrong table, not a result).
+
+    ``learning``: the notebook's :class:`bilevel_ssl.protocol.LearningCheck`.  When it failed (a base objective's
+    5-NN is not 0.10 above the untrained network's), every comparison is still computed and shown, but the claim's
+    label is :data:`NO_VERDICT` with the check's reason: a comparison against a base that has not learned is not
+    evidence about the method (issue #25)."""
     c = CLAIMS[claim] if isinstance(claim, str) else claim
     data = _normalise(table)
     present = {run for run, _ in data.values}
@@ -612,6 +621,8 @@ def decide(claim: str | Claim, table, *, alpha: float = ALPHA, power: float = PO
                                          "testable)")
     else:
         label, reason = "not resolved", "no primary comparison has 2 usable paired seeds"
+    if learning is not None and not learning.ok:
+        label, reason = NO_VERDICT, f"{learning.reason()}; the comparisons alone would say: {label}, {reason}"
     return ClaimVerdict(c, label, reason, primary, secondary, alpha, power)
 
 
