@@ -6,6 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PROFILE ?= default
 NB      ?=
+JOBS    ?= 1
 TORCH   := torch==2.14.1 torchvision==0.29.1
 # Jupyter refuses to start as root ("Running as root is not recommended") unless told: containers and rented GPU
 # machines run as root.  LAB_ARGS passes further options (e.g. --no-browser --port 8890).
@@ -22,9 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-## make reproduce [PROFILE=smoke|default|paper] [NB=00_quickstart,...]: run notebooks with papermill
+## make reproduce [PROFILE=smoke|default|gpu|paper] [NB=00_quickstart,...] [JOBS=N] [FRESH=1]: run notebooks with
+## papermill; goes on where a killed run stopped (skips notebooks already done by this commit with these params)
+## unless FRESH=1
 reproduce: $(STAMP)
-	$(BIN)/python -m bilevel_ssl.reproduce --profile $(PROFILE) --nb '$(NB)'
+	$(BIN)/python -m bilevel_ssl.reproduce --profile $(PROFILE) --nb '$(NB)' --jobs $(JOBS) $(if $(FRESH),,--resume)
 
 ## make test: unit tests + nbval regression of the notebooks (smoke settings)
 test: $(STAMP)

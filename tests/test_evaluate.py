@@ -84,3 +84,22 @@ def test_extract_features_eval_mode_channels_and_restore():
         expected = enc.eval()(gray.images.expand(-1, 3, -1, -1).float() / 255).numpy()
     np.testing.assert_allclose(f, expected, rtol=1e-5, atol=1e-6)
     assert raw_pixels(gray).shape == (10, 784) and raw_pixels(gray).max() <= 1.0
+
+
+def test_protocol_fits_run_with_one_blas_thread_and_restore_it():
+    from threadpoolctl import threadpool_info
+
+    from bilevel_ssl.evaluate import one_blas_thread
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    inside = one_blas_thread(blas_threads)()
+    assert inside and all(n == 1 for n in inside)
+    assert blas_threads() == before
+    # the protocol's functions carry it (their numbers must not depend on the machine's core count)
+    from bilevel_ssl import evaluate, universality
+
+    for fn in (evaluate.knn_accuracy, evaluate.linear_probe, evaluate.few_shot, universality.sigma_measure):
+        assert hasattr(fn, "__wrapped__"), fn.__name__

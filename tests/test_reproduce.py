@@ -68,3 +68,54 @@ def test_successful_run_rebuilds_the_index_with_the_notebooks_metrics(fake_repo)
     assert reproduce.main(["--profile", "smoke", "--nb", "01_x"]) == 0
     md = (fake_repo / "outputs" / "index.md").read_text()
     assert "## 01_x" in md and "| m | 0.500 |" in md and "**R0**: holds" in md
+
+
+def _counting_notebook(repo, name, extra=""):
+    """A notebook that appends a line to ran-<name> each time it runs and writes metrics.json with its params."""
+    cells = ["from bilevel_ssl.paths import run_dir\nfrom bilevel_ssl.report import write_metrics\n"
+             f"open('ran-{name}', 'a').write('x\\n')\n{extra}"
+             f"write_metrics(run_dir('{name}', profile), params={{'profile': profile, 'lr': lr}}, seed=0, "
+             "results={'m': {'knn_acc': 0.5}}, wall_time_s=42.0)"]
+    _notebook(repo / "notebooks" / f"{name}.ipynb", cells, "lr: float = 0.1  # lr\nprofile: str = 'x'  # profile")
+
+
+def _git(repo):
+    import subprocess
+
+    for cmd in (["init", "-q"], ["add", "-A"], ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True)
+
+
+def test_resume_skips_notebooks_done_with_the_same_params_and_commit(fake_repo, capsys):
+    _counting_notebook(fake_repo, "01_x")
+    (fake_repo / "params" / "smoke" / "01_x.yaml").write_text("lr: 0.1\n")
+    (fake_repo / ".gitignore").write_text("outputs/\nran-*\n")
+    _git(fake_repo)
+    ran = fake_repo / "ran-01_x"
+    assert reproduce.main(["--profile", "smoke", "--resume"]) == 0 and ran.read_text() == "x\n"
+    assert reproduce.estimate_s("01_x", "smoke") == 42.0
+    assert reproduce.main(["--profile", "smoke", "--resume"]) == 0 and ran.read_text() == "x\n"  # skipped
+    assert "already done with these parameters" in capsys.readouterr().out
+    assert reproduce.main(["--profile", "smoke"]) == 0 and ran.read_text() == "x\nx\n"  # without --resume: runs
+    (fake_repo / "params" / "smoke" / "01_x.yaml").write_text("lr: 0.2\n")  # other params: not done
+    assert reproduce.main(["--profile", "smoke", "--resume"]) == 0 and ran.read_text() == "x\nx\nx\n"
+    # the earlier runs were archived, and the estimate falls back to them when the current run is gone
+    assert len(list((fake_repo / "outputs" / "01_x" / "archive").iterdir())) == 2
+    (fake_repo / "outputs" / "01_x" / "smoke" / "metrics.json").unlink()
+    assert reproduce.estimate_s("01_x", "smoke") == 42.0 and reproduce.estimate_s("01_x", "default") is None
+
+
+def test_jobs_run_notebooks_in_parallel_processes_and_report_a_failure(fake_repo, capsys):
+    _counting_notebook(fake_repo, "01_x")
+    _counting_notebook(fake_repo, "02_y", extra="raise RuntimeError('boom in 02')\n")
+    _counting_notebook(fake_repo, "03_z")
+    for n in ("01_x", "02_y", "03_z"):
+        (fake_repo / "params" / "smoke" / f"{n}.yaml").write_text("lr: 0.1\n")
+    assert reproduce.main(["--profile", "smoke", "--jobs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "02_y FAILED" in err
+    for n in ("01_x", "03_z"):  # a failure does not stop the others
+        assert (fake_repo / "outputs" / n / "smoke" / "metrics.json").exists()
+    assert (fake_repo / "outputs" / "index.md").exists()
+    assert reproduce.main(["--profile", "smoke", "--jobs", "0"]) == 2
+    assert "--jobs: must be >= 1" in capsys.readouterr().err

@@ -7,11 +7,21 @@ failing notebook stops the run with exit status 1; its partially executed copy s
 after every cell).  Either way ``outputs/index.md`` / ``index.html`` are rebuilt (:mod:`bilevel_ssl.index`).
 A run never silently replaces an earlier one: the previous ``outputs/<name>/<profile>/`` is moved to
 ``outputs/<name>/archive/`` first (:func:`archive_previous`; the index lists only the current runs).
+
+Before anything runs it prints an estimate (each notebook's last measured ``wall_time_s`` of this profile, from
+its ``metrics.json`` or the newest archived one) and then shows one overall progress bar in notebook-seconds.
+``--resume`` skips every notebook whose ``metrics.json`` of this profile is complete and was written with the
+same parameters, so a killed ``make reproduce`` started again goes on where it stopped (training runs resume
+from their checkpoints in ``outputs/cache`` anyway).  ``--jobs N`` runs N notebooks at once, each in its own
+process with ``BILEVEL_SSL_THREADS`` threads (for a machine with many cores, e.g. a GPU host).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +30,7 @@ import yaml
 
 from .paths import outputs_dir, repo_root
 
-PROFILES = ("smoke", "default", "paper")
+PROFILES = ("smoke", "default", "gpu", "paper")
 
 # papermill's inferred type names -> Python types accepted for them (an int is a valid float).
 _TYPE_NAMES = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,), "list": (list,),
@@ -92,7 +102,48 @@ def archive_previous(run_folder: Path) -> Path | None:
     return target
 
 
-def run(names: list[str], profile: str, *, log_output: bool = False) -> int:
+def _metrics(name: str, profile: str) -> dict | None:
+    path = outputs_dir() / name / profile / "metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def estimate_s(name: str, profile: str) -> float | None:
+    """The last measured wall time of ``name`` under ``profile`` (its current ``metrics.json``, else the newest
+    archived one), or None when it never ran here."""
+    found = _metrics(name, profile)
+    if found is None:
+        archived = sorted((outputs_dir() / name / "archive").glob(f"{profile}-*/metrics.json"),
+                          key=lambda p: p.stat().st_mtime)
+        for path in reversed(archived):
+            try:
+                found = json.loads(path.read_text())
+                break
+            except (OSError, ValueError):
+                continue
+    t = (found or {}).get("wall_time_s")
+    return float(t) if isinstance(t, (int, float)) else None
+
+
+def is_done(name: str, params: dict, profile: str) -> bool:
+    """True when ``outputs/<name>/<profile>/metrics.json`` exists and was written with exactly ``params`` by the
+    same commit of the code (``git_sha``, which says ``-dirty`` for uncommitted edits outside ``outputs/``)."""
+    from .report import git_sha
+
+    found = _metrics(name, profile)
+    sha = git_sha()
+    return (found is not None and found.get("params") == params and sha != "unknown"
+            and found.get("git_sha") == sha)
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+def run(names: list[str], profile: str, *, log_output: bool = False, resume: bool = False, jobs: int = 1,
+        index: bool = True) -> int:
     plan = []
     errors = []
     for name in names:
@@ -106,40 +157,95 @@ def run(names: list[str], profile: str, *, log_output: bool = False) -> int:
     if errors:
         print("Invalid parameters; nothing was run:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 2
+    if jobs < 1:
+        print(f"--jobs: must be >= 1, got {jobs}", file=sys.stderr)
+        return 2
+    if resume:
+        done = [n for n, p in plan if is_done(n, p, profile)]
+        if done:
+            print(f"[reproduce] --resume: {', '.join(done)} already done with these parameters; skipped", flush=True)
+        plan = [(n, p) for n, p in plan if n not in done]
 
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
+    from tqdm.auto import tqdm
 
     from .runtime import pin_threads
 
     threads = pin_threads()  # the kernels inherit OMP_NUM_THREADS: results do not depend on the machine's load
-    print(f"[reproduce] {threads} CPU threads per notebook (BILEVEL_SSL_THREADS)", flush=True)
+    est = {n: estimate_s(n, profile) for n, _ in plan}
+    known = {n: t for n, t in est.items() if t is not None}
+    unknown = [n for n, t in est.items() if t is None]
+    print(f"[reproduce] {len(plan)} notebook(s), profile {profile}, {threads} CPU threads per notebook "
+          f"(BILEVEL_SSL_THREADS), {jobs} at a time; estimate from the last runs here: "
+          f"{_fmt(sum(known.values()) / jobs) if known else 'none'}"
+          + (f" + {', '.join(unknown)} (never ran here)" if unknown else ""), flush=True)
+    bar = tqdm(total=round(sum(known.values()) + 60 * len(unknown)), unit="s", desc=f"reproduce {profile}",
+               disable=not plan)
+    timings, failed = {}, None
+    if jobs == 1:
+        for name, params in plan:
+            t0 = time.perf_counter()
+            if not _execute(name, params, profile, log_output):
+                failed = name
+                break
+            timings[name] = time.perf_counter() - t0
+            bar.update(round(est[name] if est[name] is not None else 60))
+    else:
+        failed = _parallel(plan, profile, jobs, est, bar, timings)
+    bar.close()
+    if failed is None:
+        print(f"[reproduce] all done in {sum(timings.values()):.0f} s of notebook time: "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()), flush=True)
+    if index:
+        _index()
+    return 0 if failed is None else 1
 
-    timings = {}
-    for name, params in plan:
-        out = outputs_dir() / name / profile / f"{name}.ipynb"
-        moved = archive_previous(out.parent)
-        if moved is not None:
-            print(f"[reproduce] the previous {profile} run of {name} moved to {moved.relative_to(repo_root())}",
-                  flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        print(f"[reproduce] {name} ({profile}) -> {out.relative_to(repo_root())}", flush=True)
-        t0 = time.perf_counter()
-        try:
-            papermill.execute_notebook(str(notebooks_dir() / f"{name}.ipynb"), str(out), parameters=params,
-                                       kernel_name="python3", cwd=str(repo_root()), log_output=log_output,
-                                       progress_bar=False)
-        except PapermillExecutionError as err:
-            print(f"[reproduce] {name} FAILED in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-                  f"  partial output: {out}", file=sys.stderr)
-            _index()
-            return 1
-        timings[name] = time.perf_counter() - t0
-        print(f"[reproduce] {name} done in {timings[name]:.0f} s", flush=True)
-    print(f"[reproduce] all done in {sum(timings.values()):.0f} s: "
-          + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    _index()
-    return 0
+
+def _execute(name: str, params: dict, profile: str, log_output: bool) -> bool:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    out = outputs_dir() / name / profile / f"{name}.ipynb"
+    moved = archive_previous(out.parent)
+    if moved is not None:
+        print(f"[reproduce] the previous {profile} run of {name} moved to {moved.relative_to(repo_root())}",
+              flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[reproduce] {name} ({profile}) -> {out.relative_to(repo_root())}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(notebooks_dir() / f"{name}.ipynb"), str(out), parameters=params,
+                                   kernel_name="python3", cwd=str(repo_root()), log_output=log_output,
+                                   progress_bar=False)
+    except PapermillExecutionError as err:
+        print(f"[reproduce] {name} FAILED in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+              f"  partial output: {out}", file=sys.stderr, flush=True)
+        return False
+    print(f"[reproduce] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return True
+
+
+def _parallel(plan, profile, jobs, est, bar, timings) -> str | None:
+    """Run each notebook as ``python -m bilevel_ssl.reproduce --nb NAME --no-index`` in its own process, ``jobs``
+    at a time (the longest first); returns the first failed notebook's name or None.  The others go on."""
+    pending = sorted(plan, key=lambda np_: -(est[np_[0]] or 0))
+    running, failed = {}, None
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, _ = pending.pop(0)
+            cmd = [sys.executable, "-m", "bilevel_ssl.reproduce", "--profile", profile, "--nb", name, "--no-index"]
+            running[name] = (subprocess.Popen(cmd, env=os.environ.copy()), time.perf_counter())
+        time.sleep(1.0)
+        for name, (proc, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode != 0:
+                print(f"[reproduce] {name} FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
+                failed = failed or name
+                continue
+            timings[name] = time.perf_counter() - t0
+            bar.update(round(est[name] if est[name] is not None else 60))
+    return failed
 
 
 def _index() -> None:
@@ -155,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="default", choices=PROFILES)
     ap.add_argument("--nb", default="", help="comma-separated notebook names (default: all, in order)")
     ap.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip notebooks whose metrics.json of this profile was written with the same parameters")
+    ap.add_argument("--jobs", type=int, default=1, help="notebooks run at once, each in its own process")
+    ap.add_argument("--no-index", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     available = list_notebooks()
     names = [n.strip().removesuffix(".ipynb") for n in args.nb.split(",") if n.strip()] or available
@@ -162,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"NB: unknown notebook(s) {unknown}; allowed: {', '.join(available)}", file=sys.stderr)
         return 2
-    return run(names, args.profile, log_output=args.log_output)
+    return run(names, args.profile, log_output=args.log_output, resume=args.resume, jobs=args.jobs,
+               index=not args.no_index)
 
 
 if __name__ == "__main__":

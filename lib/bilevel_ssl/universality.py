@@ -25,6 +25,8 @@ import warnings
 
 import numpy as np
 
+from .evaluate import one_blas_thread
+
 PROB_EPS = 1e-12
 """Probabilities are clipped to ``[PROB_EPS, 1]`` before the log, so one sample's KL is at most
 ``-log(1e-12) ≈ 27.6`` nats (a head that puts exactly zero mass on the true class)."""
@@ -112,6 +114,7 @@ def _sigma(clf, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(kl_to_onehot(proba, idx).mean()), float((clf.classes_[proba.argmax(1)] == y).mean())
 
 
+@one_blas_thread
 def sigma_measure(train_x: np.ndarray, train_y, test_x: np.ndarray, test_y, novel_x: np.ndarray | None = None,
                   novel_y=None, *, head: str = "logreg", n_way: int = 5, k_shot: int = 5, n_query: int = 15,
                   n_tasks: int = 100, seed: int = 0) -> dict[str, float]:
@@ -164,17 +167,13 @@ def sigma_measure(train_x: np.ndarray, train_y, test_x: np.ndarray, test_y, nove
            "acc_disc": acc_disc, "acc_gen": acc_gen, "n_classes": len(classes)}
 
     if novel_x is not None:
-        from threadpoolctl import threadpool_limits
-
         from .evaluate import mean_ci95
 
         sigmas, accs = np.empty(n_tasks), np.empty(n_tasks)
         s_y, q_y = np.repeat(np.arange(n_way), k_shot), np.repeat(np.arange(n_way), n_query)
-        # one BLAS thread: on these tiny per-task fits, thread hand-offs cost ~20x the arithmetic
-        with threadpool_limits(limits=1, user_api="blas"):
-            for t, (s_idx, q_idx) in enumerate(tasks):  # the same episodes as evaluate.few_shot with this seed
-                task_clf = _fit(head, seed, novel_x[s_idx], s_y)
-                sigmas[t], accs[t] = _sigma(task_clf, novel_x[q_idx], q_y)
+        for t, (s_idx, q_idx) in enumerate(tasks):  # the same episodes as evaluate.few_shot with this seed
+            task_clf = _fit(head, seed, novel_x[s_idx], s_y)
+            sigmas[t], accs[t] = _sigma(task_clf, novel_x[q_idx], q_y)
         out["sigma_trans"], out["sigma_trans_ci95"] = mean_ci95(sigmas)
         out["sigma_trans_norm"] = normalise_sigma(out["sigma_trans"], n_way)
         out["acc_trans"] = float(accs.mean())
