@@ -28,7 +28,9 @@ def test_index_has_a_section_per_notebook_with_table_verdicts_and_figures(tmp_pa
     md_path, html_path = build(tmp_path)
     md = md_path.read_text()
     assert md.index("## 00_quickstart") < md.index("## 10_gessl")
-    assert md.index("### default") < md.index("### smoke")  # the most complete profile first
+    assert "### smoke" not in md  # smoke runs are not committed: their own index
+    smoke = (tmp_path / "index-smoke.md").read_text()
+    assert "### smoke" in smoke and "| simclr | 0.500 |" in smoke and "00_quickstart" not in smoke
     assert "| simclr | 0.712 | 0.800 |" in md and "| simclr+gessl | 0.650 | 0.810 |" in md
     assert "**R1 GeSSL improves linear**: does not hold at this scale" in md
     assert "run time 1234 s" in md and "git abcdef123456" in md
@@ -47,3 +49,35 @@ def test_index_columns_choose_and_order_the_table():
 def test_empty_outputs_say_how_to_make_them(tmp_path):
     md_path, _ = build(tmp_path)
     assert "make reproduce" in md_path.read_text()
+
+
+def test_committed_profiles_are_ordered_most_complete_first(tmp_path):
+    for p in ("default", "gpu", "paper"):
+        _run(tmp_path, "10_gessl", p, {"results": {"simclr": {"knn_acc": 0.5}}})
+    md = build(tmp_path)[0].read_text()
+    assert md.index("### paper") < md.index("### gpu") < md.index("### default")
+
+
+def test_readme_blocks_are_generated_from_the_metrics(tmp_path):
+    from bilevel_ssl.index import readme_block, render_readme
+
+    claim = {"label": "supported", "reason": "1 of 1 primary comparisons supported, none contradicted",
+             "comparisons": [{"comparison": "A > B: knn_acc", "primary": True, "mean": 0.0512, "ci_low": 0.01,
+                              "ci_high": 0.09, "ci_level": 0.95, "mde": 0.03, "n": 5, "label": "supported"},
+                             {"comparison": "A > B: S_gen", "primary": False, "mean": 0.1, "n": 5}]}
+    _run(tmp_path, "10_gessl", "gpu", {"results": {"simclr": {"knn_acc": 0.75}}, "claims": {"R1": claim},
+                                       "learning_check": {"metric": "knn_acc", "margin": 0.1, "ok": True,
+                                                          "bases": {"simclr": {"trained": 0.8, "untrained": 0.65,
+                                                                               "gain": 0.15}}}})
+    block = readme_block("10_gessl", "gpu", tmp_path)
+    assert "| simclr | 0.750 |" in block
+    assert "simclr 0.800 vs untrained 0.650 (+0.150) — passed." in block
+    assert ("**R1: supported** (1 of 1 primary comparisons supported, none contradicted). Primary comparisons "
+            "(mean A − B): A > B: knn_acc: +0.051 (CI [+0.010, +0.090] at 95.0%, MDE 0.030, n = 5; supported).") in block
+    assert "S_gen" not in block  # secondary comparisons stay in the notebook
+    text = "intro\n<!-- results 10_gessl gpu -->\nstale 0.123\n<!-- /results -->\nafter\n"
+    new = render_readme(text, tmp_path)
+    assert "stale" not in new and "| simclr | 0.750 |" in new and new.endswith("<!-- /results -->\nafter\n")
+    assert render_readme(new, tmp_path) == new  # stable
+    missing = render_readme("<!-- results 99_x default -->\n<!-- /results -->", tmp_path)
+    assert "No committed `default` run of 99_x yet" in missing
