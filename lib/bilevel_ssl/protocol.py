@@ -104,17 +104,22 @@ def learning_check(trained: dict[str, list[float]], untrained: dict[str, list[fl
                          seeds={b: len(v) for b, v in trained.items()})
 
 
-def untrained_knn(cfg, splits, *, device=None) -> float:
-    """5-NN accuracy (the notebooks' protocol, :func:`bilevel_ssl.evaluate.knn_accuracy`) of the network that
-    ``cfg`` would train, at its initialisation (``cfg.seed``), on the base-class train/test split."""
+def knn(backbone, splits, *, device="cpu") -> float:
+    """5-NN accuracy of a backbone on the base-class train/test split: the ``knn_acc`` of
+    :func:`bilevel_ssl.evaluate.evaluate_encoder`, for notebooks that do not run the whole protocol."""
     from .evaluate import extract_features, knn_accuracy
+
+    f_tr = extract_features(backbone, splits.train, device=device)
+    f_te = extract_features(backbone, splits.test, device=device)
+    return knn_accuracy(f_tr, splits.train.labels, f_te, splits.test.labels, k=5)
+
+
+def untrained_knn(cfg, splits, *, device=None) -> float:
+    """:func:`knn` of the network that ``cfg`` would train, at its initialisation (``cfg.seed``)."""
     from .trainer import build_net
 
     net, _ = build_net(cfg, splits.train.channels, splits.train.size)
-    dev = device or cfg.resolved_device()
-    f_tr = extract_features(net.backbone, splits.train, device=dev)
-    f_te = extract_features(net.backbone, splits.test, device=dev)
-    return knn_accuracy(f_tr, splits.train.labels, f_te, splits.test.labels, k=5)
+    return knn(net.backbone, splits, device=device or cfg.resolved_device())
 
 
 def check_bases(base_runs, splits, *, metric: str = LEARNING_METRIC, margin: float = LEARNING_MARGIN,
