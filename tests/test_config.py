@@ -31,7 +31,7 @@ BAD = [
     ({"meta": "gessl", "batch_size": 60, "meta_args": {"m": 8}},
      r"meta_args.m / batch_size: 8 does not divide the batch size 60; .* allowed: 1, 2, 3, 4, 5, 6, 10"),
     ({"meta": "gessl", "batch_size": 16, "meta_args": {"m": 16}}, r"meta_args.m / batch_size: .*need >= 2"),
-    ({"meta": "gessl", "meta_args": {"variant": "maml"}}, r"meta_args: gessl variant 'maml' unknown; allowed: bilevel"),
+    ({"meta": "gessl", "meta_args": {"variant": "maml"}}, r"meta_args.variant: unknown value 'maml'; allowed: bilevel"),
     ({"meta": "gessl", "meta_args": {"alpha": 0.1}}, r"meta_args: unknown gessl option\(s\) \['alpha'\]; allowed: mu"),
     ({"meta": "gessl", "hypergrad_args": {"cg_iters": 3}},
      r"hypergrad_args: .*'second_order' got unknown option\(s\) 'cg_iters'; allowed: \(none\)"),

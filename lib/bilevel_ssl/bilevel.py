@@ -12,7 +12,6 @@ declares its options, its modules and its step.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import ClassVar
 
 import torch
@@ -22,7 +21,7 @@ from torch.func import functional_call
 
 from .hessian import _grad, _leaves
 from .hypergrad import ENGINES, HyperGrad, _Engine, make_engine
-from .meta import FunctionalNet, SingleLevel, SSLNet
+from .meta import FunctionalNet, MetaArgs, SingleLevel, SSLNet
 from .objectives import Objective, Outputs
 
 __all__ = ["MetaArgs", "Joint", "BiLevelMethod"]
@@ -34,24 +33,6 @@ SECOND_ORDER_ENGINES = ("second_order", "aid_fd", "aid_cg", "aid_neumann")
 FIRST_ORDER_ENGINES = ("first_order", "momentum_proxy")
 FIRST_ORDER_WHY = ("first-order engines drop the term −α∇²_φθ L_in · ∇L_out through which it acts, and the outer "
                    "loss does not use it directly")
-
-
-class MetaArgs:
-    """Base of a meta-method's options dataclass: :meth:`from_meta_args` rejects unknown keys, naming the allowed
-    ones; the dataclass's ``__post_init__`` validates the values."""
-
-    method: ClassVar[str] = ""
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_meta_args(cls, meta_args: dict):
-        unknown = sorted(set(meta_args) - set(cls.keys()))
-        if unknown:
-            raise ValueError(f"meta_args: unknown {cls.method} option(s) {unknown}; allowed: {', '.join(cls.keys())}")
-        return cls(**meta_args)
 
 
 class Joint(_Engine):
