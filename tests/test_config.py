@@ -34,7 +34,7 @@ BAD = [
     ({"meta": "gessl", "meta_args": {"variant": "maml"}}, r"meta_args.variant: unknown value 'maml'; allowed: bilevel"),
     ({"meta": "gessl", "meta_args": {"alpha": 0.1}}, r"meta_args: unknown gessl option\(s\) \['alpha'\]; allowed: mu"),
     ({"meta": "gessl", "hypergrad_args": {"cg_iters": 3}},
-     r"hypergrad_args: .*'second_order' got unknown option\(s\) 'cg_iters'; allowed: \(none\)"),
+     r"hypergrad_args: unknown second_order option\(s\) \['cg_iters'\]; allowed: \(none\)"),
     ({"meta": "gessl", "objective": "simclr", "objective_args": {"temperature": -1.0}}, r"objective_args: .*temperature"),
     ({"objective": "mae"}, r"backbone: objective mae needs one of vit_tiny, got 'conv4'"),
     ({"augment_args": {"rotation": 0.5}}, r"augment_args: unknown field\(s\) \['rotation'\]; allowed: crop_scale"),

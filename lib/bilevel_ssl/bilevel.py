@@ -12,6 +12,7 @@ declares its options, its modules and its step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -35,6 +36,7 @@ FIRST_ORDER_WHY = ("first-order engines drop the term −α∇²_φθ L_in · �
                    "loss does not use it directly")
 
 
+@dataclass(eq=False)
 class Joint(_Engine):
     """The one-stage ablation of a bi-level step: no inner adaptation; the inner and the outer loss are evaluated
     at the same parameters and their sum is differentiated once (GeSSL's ``joint``, TC²'s ``no_bilevel``).
@@ -79,10 +81,7 @@ class BiLevelMethod(SingleLevel):
             allowed = [e for e in ENGINES if e not in cls.unsupported_engines]
             raise ValueError(f"hypergrad: {cls.name} does not support {cfg.hypergrad!r} "
                              f"({cls.unsupported_engines[cfg.hypergrad]}); allowed: {', '.join(allowed)}")
-        try:
-            make_engine(cfg.hypergrad, **cfg.hypergrad_args)
-        except ValueError as err:
-            raise ValueError(f"hypergrad_args: {err}") from None
+        make_engine(cfg.hypergrad, **cfg.hypergrad_args)  # errors name hypergrad_args.<key>
         why = cls._untrained_meta(cfg, opts)
         if why and not getattr(opts, "allow_untrained_meta", False):
             raise ValueError(
