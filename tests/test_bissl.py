@@ -444,21 +444,22 @@ def test_baseline_sees_the_same_pretext_steps():
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"lam": 0.0}, "bissl.lam: must be > 0"),
-    ({"lam": "1e-3"}, "bissl.lam: must be a number.*1.0e-3"),
+    ({"lam": 0.0}, "bissl.lam: must be a finite number > 0, got 0.0"),
+    ({"lam": "1e-3"}, "bissl.lam: must be a finite number > 0, got str '1e-3'.*1.0e-3"),
     ({"cg_iters": -1}, "bissl.cg_iters"),
-    ({"cg_layerwise": 1}, "bissl.cg_layerwise: must be True or False"),
+    ({"cg_layerwise": 1}, "bissl.cg_layerwise: must be true or false, got int 1"),
     ({"alternations": 0}, "bissl.alternations"),
     ({"lower_warmup": 10, "alternations": 5}, "bissl.lower_warmup: must be < alternations"),
     ({"upper_schedule": "linear"}, "bissl.upper_schedule: .*allowed: cosine, constant"),
     ({"device": "tpu"}, "bissl.device: .*allowed: cpu, cuda, auto"),
     ({"downstream_augment": "nope"}, "bissl.downstream_augment: .*allowed"),
     ({"teacher_momentum": 1.5}, "bissl.teacher_momentum"),
-    ({"clip_norm": float("nan")}, "bissl.clip_norm: must be finite"),
-    ({"hvp_batch_size": 1}, "bissl.hvp_batch_size"),
+    ({"clip_norm": float("nan")}, "bissl.clip_norm: must be a finite number >= 0"),
+    ({"hvp_batch_size": 1}, "bissl.hvp_batch_size: must be an integer >= 2 or None"),
+    ({"downstream_momentum": 1.0}, r"bissl.downstream_momentum: must be a number in \[0, 1\), got 1.0"),
     ({"cg_on_residual": "ignore"}, "bissl.cg_on_residual: unknown value 'ignore'; allowed: warn, stop, global"),
-    ({"cg_max_residual": 0.0}, "bissl.cg_max_residual: must be > 0"),
-    ({"cg_max_residual": "0.5"}, "bissl.cg_max_residual: must be a number"),
+    ({"cg_max_residual": 0.0}, "bissl.cg_max_residual: must be a finite number > 0"),
+    ({"cg_max_residual": "0.5"}, "bissl.cg_max_residual: must be a finite number > 0, got str"),
 ])
 def test_config_errors_name_the_key(kwargs, needle):
     with pytest.raises(ValueError, match=needle):

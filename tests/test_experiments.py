@@ -22,7 +22,7 @@ def test_make_config_applies_recipe_and_inner_lr():
 def test_make_config_validates():
     with pytest.raises(ConfigError, match="objective: unknown value 'simclrr'"):
         make_config("simclrr")
-    with pytest.raises(ConfigError, match="lr: must be > 0"):
+    with pytest.raises(ConfigError, match="lr: must be a finite number > 0"):
         make_config("simclr", lr=0.0)
 
 

@@ -113,5 +113,5 @@ def test_command_line_trains_resumes_and_writes_metrics(tmp_path):
     assert len(record["history"]) == 1 and record["results"]["final"]["loss"] > 0
     assert (tmp_path / "run" / "encoder.pt").exists()
     (tmp_path / "bad.yaml").write_text("lr: 1e-3\n")
-    with pytest.raises(ConfigError, match="lr: expected float, got str '1e-3' .YAML 1.1"):
+    with pytest.raises(ConfigError, match="lr: must be a finite number > 0, got str '1e-3' .YAML 1.1"):
         main([str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "bad")])

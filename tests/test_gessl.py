@@ -260,16 +260,17 @@ def test_config_defaults_and_net():
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("mu", -0.1, "mu must be a finite number >= 0"),
-    ("k", 0.0, "k must be a finite number > 0"),
-    ("m", 0, "m must be an integer >= 1"),
-    ("inner_steps", 0, "inner_steps must be an integer >= 1"),
-    ("inner_lr", 0.0, "inner_lr must be a finite number > 0"),
-    ("inner_lr", float("nan"), "inner_lr must be a finite number > 0"),
-    ("stats", "cov", "stats: unknown value 'cov'; allowed: meanvar, meancov"),
-    ("reduction", "none", "reduction: unknown value 'none'; allowed: mean, sum"),
-    ("m", 2.5, "m: expected int"),
-    ("mu", "0.7", "mu: expected float"),
+    ("mu", -0.1, "^meta_args.mu: must be a finite number >= 0, got -0.1$"),
+    ("k", 0.0, "^meta_args.k: must be a finite number > 0"),
+    ("m", 0, "^meta_args.m: must be an integer >= 1"),
+    ("inner_steps", 0, "^meta_args.inner_steps: must be an integer >= 1"),
+    ("inner_lr", 0.0, "^meta_args.inner_lr: must be a finite number > 0"),
+    ("inner_lr", float("nan"), "^meta_args.inner_lr: must be a finite number > 0, got nan"),
+    ("stats", "cov", "^meta_args.stats: unknown value 'cov'; allowed: meanvar, meancov$"),
+    ("reduction", "none", "^meta_args.reduction: unknown value 'none'; allowed: mean, sum$"),
+    ("m", 2.5, "^meta_args.m: must be an integer >= 1, got float 2.5"),
+    ("mu", "0.7", "^meta_args.mu: must be a finite number >= 0, got str '0.7'"),
+    ("g_detach", 1, "^meta_args.g_detach: must be true or false, got int 1"),
 ])
 def test_config_validation(key, value, match):
     with pytest.raises(ValueError, match=match):

@@ -149,8 +149,8 @@ def test_per_task_with_one_task_equals_bilevel():
 
 BAD = [
     ({"meta_args": {"m": 5}}, r"meta_args.m / batch_size: 5 does not divide the batch size 32"),
-    ({"meta_args": {"variant": "two_stage"}}, r"variant 'two_stage' unknown; allowed: bilevel, joint, per_task"),
-    ({"meta_args": {"mu": -1.0}}, r"mu must be a finite number >= 0"),
+    ({"meta_args": {"variant": "two_stage"}}, r"variant: unknown value 'two_stage'; allowed: bilevel, joint, per_task"),
+    ({"meta_args": {"mu": -1.0}}, r"meta_args.mu: must be a finite number >= 0"),
     ({"meta_args": {"lambda": 1.0}}, r"unknown gessl option\(s\) \['lambda'\]; allowed: mu, k, m"),
     ({"hypergrad_args": {"fd_r": 0.1}}, r"fd_r"),
 ]

@@ -177,8 +177,8 @@ def test_aid_fd_spot_check_is_occasional_and_passes_at_a_small_fd_r():
                                             ("aid_neumann", "on_bad", 1), ("aid_fd", "check_every", -1),
                                             ("aid_cg", "max_residual", 0), ("aid_neumann", "max_growth", "1")])
 def test_quality_options_are_validated(name, opt, value):
-    with pytest.raises(ValueError, match=rf"hypergrad: {name} option '{opt}'"):
+    with pytest.raises(ValueError, match=rf"^hypergrad_args\.{opt}: "):
         make_engine(name, **{opt: value})
     if opt == "on_bad":
-        with pytest.raises(ValueError, match="must be one of warn, stop"):
+        with pytest.raises(ValueError, match="allowed: warn, stop"):
             make_engine(name, on_bad=value)

@@ -372,7 +372,8 @@ BAD = [
     ({"meta_args": {"check": "maybe"}}, "meta_args.check: unknown value 'maybe'; allowed: error, warn, off"),
     ({"meta_args": {"normalize": 1}}, "meta_args.normalize: must be true or false"),
     ({"objective": "mae", "backbone": "vit_tiny"}, "objective: mcr needs a two-view"),
-    ({"hypergrad": "aid_fd", "hypergrad_args": {"cg_iters": 3}}, "hypergrad_args: hypergrad: engine 'aid_fd' got"),
+    ({"hypergrad": "aid_fd", "hypergrad_args": {"cg_iters": 3}},
+     r"hypergrad_args: unknown aid_fd option\(s\) \['cg_iters'\]; allowed: fd_r"),
 ]
 
 

@@ -230,7 +230,7 @@ def test_graddrop_and_gradvac_steps_run_and_keep_state():
     ({"n_tasks": 3}, r"^meta_args\.n_tasks / batch_size: 3 does not divide the batch size 32; .*: 2, 4, 8, 16$"),
     ({"n_tasks": 32}, r"^meta_args\.n_tasks / batch_size: 32 leaves 1 image per task"),
     ({"n_tasks": 1}, r"^meta_args\.n_tasks / batch_size: must be >= 2"),
-    ({"n_tasks": "2"}, r"^meta_args\.n_tasks: expected int"),
+    ({"n_tasks": "2"}, r"^meta_args\.n_tasks: must be an integer, got str '2'$"),
     ({"combine": "mgda"}, r"^meta_args\.combine: unknown value 'mgda'; allowed: sum, pcgrad, gradvac, graddrop$"),
     ({"shared": "heads"}, r"^meta_args\.shared: unknown value 'heads'; allowed: all, backbone$"),
     ({"gradvac_beta": 1.5}, r"^meta_args\.gradvac_beta: must be a number in \[0, 1\]"),

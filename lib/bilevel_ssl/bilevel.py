@@ -12,7 +12,7 @@ declares its options, its modules and its step.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from .hessian import _grad, _leaves
 from .hypergrad import ENGINES, HyperGrad, _Engine, make_engine
-from .meta import FunctionalNet, SingleLevel, SSLNet
+from .meta import FunctionalNet, MetaArgs, SingleLevel, SSLNet
 from .objectives import Objective, Outputs
 
 __all__ = ["MetaArgs", "Joint", "BiLevelMethod"]
@@ -36,24 +36,7 @@ FIRST_ORDER_WHY = ("first-order engines drop the term −α∇²_φθ L_in · �
                    "loss does not use it directly")
 
 
-class MetaArgs:
-    """Base of a meta-method's options dataclass: :meth:`from_meta_args` rejects unknown keys, naming the allowed
-    ones; the dataclass's ``__post_init__`` validates the values."""
-
-    method: ClassVar[str] = ""
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_meta_args(cls, meta_args: dict):
-        unknown = sorted(set(meta_args) - set(cls.keys()))
-        if unknown:
-            raise ValueError(f"meta_args: unknown {cls.method} option(s) {unknown}; allowed: {', '.join(cls.keys())}")
-        return cls(**meta_args)
-
-
+@dataclass(eq=False)
 class Joint(_Engine):
     """The one-stage ablation of a bi-level step: no inner adaptation; the inner and the outer loss are evaluated
     at the same parameters and their sum is differentiated once (GeSSL's ``joint``, TC²'s ``no_bilevel``).
@@ -98,10 +81,7 @@ class BiLevelMethod(SingleLevel):
             allowed = [e for e in ENGINES if e not in cls.unsupported_engines]
             raise ValueError(f"hypergrad: {cls.name} does not support {cfg.hypergrad!r} "
                              f"({cls.unsupported_engines[cfg.hypergrad]}); allowed: {', '.join(allowed)}")
-        try:
-            make_engine(cfg.hypergrad, **cfg.hypergrad_args)
-        except ValueError as err:
-            raise ValueError(f"hypergrad_args: {err}") from None
+        make_engine(cfg.hypergrad, **cfg.hypergrad_args)  # errors name hypergrad_args.<key>
         why = cls._untrained_meta(cfg, opts)
         if why and not getattr(opts, "allow_untrained_meta", False):
             raise ValueError(

@@ -59,6 +59,7 @@ from .bilevel import FIRST_ORDER_ENGINES, FIRST_ORDER_WHY, BiLevelMethod, MetaAr
 from .hypergrad import set_grads
 from .meta import SSLNet, check_n_tasks, take
 from .objectives import Objective, Outputs
+from .options import option
 
 __all__ = [
     "MU",
@@ -114,58 +115,26 @@ class GeSSLConfig(MetaArgs):
       (an engine ablation that means it, e.g. notebook 13).
     """
 
-    method = "gessl"
+    what = "gessl option"
 
-    mu: float = MU
-    k: float = K
-    m: int = M
-    inner_steps: int = 1
-    inner_lr: float = 0.1
-    stats: str = "meanvar"
-    reduction: str = "mean"
-    g_hidden: int = 64
-    cov_rank: int = 16
-    g_residual: bool = True
-    g_detach: bool = False
-    variant: str = "bilevel"
-    allow_untrained_meta: bool = False
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"meta_args: gessl variant {self.variant!r} unknown; allowed: {', '.join(VARIANTS)}")
-        for key, kind in (("mu", float), ("k", float), ("inner_lr", float), ("m", int), ("inner_steps", int),
-                          ("g_hidden", int), ("cov_rank", int), ("g_residual", bool), ("g_detach", bool),
-                          ("allow_untrained_meta", bool),
-                          ("stats", str), ("reduction", str)):
-            _check_type(key, getattr(self, key), kind)
-        for key, allowed in (("stats", STATS), ("reduction", REDUCTIONS[:2])):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"gessl: {key}: unknown value {getattr(self, key)!r}; allowed: {', '.join(allowed)}")
-        if not (math.isfinite(self.mu) and self.mu >= 0):
-            raise ValueError(f"gessl: mu must be a finite number >= 0, got {self.mu!r}")
-        for key in ("k", "inner_lr"):
-            value = getattr(self, key)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"gessl: {key} must be a finite number > 0, got {value!r}")
-        for key in ("m", "inner_steps", "g_hidden", "cov_rank"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"gessl: {key} must be an integer >= 1, got {getattr(self, key)!r}")
+    mu: float = option(MU, lo=0)
+    k: float = option(K, lo=0, lo_open=True)
+    m: int = option(M, lo=1)
+    inner_steps: int = option(1, lo=1)
+    inner_lr: float = option(0.1, lo=0, lo_open=True)
+    stats: str = option("meanvar", choices=STATS)
+    reduction: str = option("mean", choices=REDUCTIONS[:2])
+    g_hidden: int = option(64, lo=1)
+    cov_rank: int = option(16, lo=1)
+    g_residual: bool = option(True)
+    g_detach: bool = option(False)
+    variant: str = option("bilevel", choices=VARIANTS)
+    allow_untrained_meta: bool = option(False)
 
     def threshold_net(self, dim: int) -> "ThresholdNet":
         """The g these settings describe, for embeddings of size ``dim``."""
         return ThresholdNet(dim, stats=self.stats, hidden=self.g_hidden, cov_rank=self.cov_rank,
                             residual=self.g_residual, detach_input=self.g_detach)
-
-
-def _check_type(key: str, value, kind: type) -> None:
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        raise ValueError(f"gessl: {key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------------

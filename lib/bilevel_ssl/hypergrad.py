@@ -53,6 +53,7 @@ from torch import Tensor
 
 from .hessian import (InnerHessian, LossFn, Params, _cg, _check_int, _check_like, _check_real, _grad, _leaves, _neumann,
                       _norm, conjugate_gradient, hvp, inner_hessian, mixed_hvp, neumann_inverse)
+from .options import Options, option
 
 __all__ = [
     "HyperGrad",
@@ -82,18 +83,6 @@ ON_BAD = ("warn", "stop")  # what an engine does when its own quality measure is
 class HypergradQualityError(FloatingPointError):
     """An engine's quality measure is bad and its option ``on_bad`` is ``stop``.  Raised inside the step, i.e.
     before the optimizer step (a FloatingPointError: the trainer and the notebooks treat it as a diverged run)."""
-
-
-def _check_choice(name: str, value, allowed: tuple, engine: str) -> str:
-    if value not in allowed:
-        raise ValueError(f"hypergrad: {engine} option {name!r} must be one of {', '.join(allowed)}, got {value!r}")
-    return value
-
-
-def _check_bool(name: str, value, engine: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"hypergrad: {engine} option {name!r} must be True or False, got {value!r}")
-    return value
 
 
 def _check_problem(theta: Params, phi: Params, inner_lr, inner_steps) -> tuple[list[Tensor], list[Tensor]]:
@@ -148,12 +137,19 @@ def _outer_grads(outer_loss: LossFn, theta_adapted: Params, phi: Params) -> tupl
     return gs[:len(th)], gs[len(th):], float(loss.detach())
 
 
-class _Engine:
+class _Engine(Options):
+    """Base of the engines.  An engine is a dataclass of its options (``hypergrad_args``, validated by
+    :mod:`bilevel_ssl.options`; errors name ``hypergrad_args.<key>``) with the step in :meth:`_run`."""
+
+    where = "hypergrad_args"
     name = ""
-    OPTIONS: tuple[str, ...] = ()
     QUALITY_LOGS: tuple[str, ...] = ()  # the log keys of the engine's own quality measure (#24)
     on_bad = "warn"
     _warned = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.what = f"{cls.name} option"  # "hypergrad_args: unknown aid_fd option(s) [...]"
 
     def _judge(self, measure: str, value: float, limit: float, fix: str) -> None:
         """``on_bad`` when ``value`` of ``measure`` is above ``limit`` (or not finite): ``warn`` - one
@@ -185,11 +181,11 @@ class _Engine:
         if state:
             raise ValueError(f"hypergrad: engine {self.name!r} keeps no state, got {sorted(state)}")
 
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.OPTIONS)
-        return f"{type(self).__name__}({opts})"
+
+_engine = dataclass(eq=False, kw_only=True)  # an engine: its options are keyword-only fields, compared by identity
 
 
+@_engine
 class SecondOrder(_Engine):
     """Exact meta-gradient by reverse mode through the unrolled inner loop (GeSSL §3.2, Eq. 4-5: "the gradient ...
     with respect to f involves both the first and second order derivatives"; App. G.4 "ITD-RMAD", Finn et al. 2017).
@@ -220,6 +216,7 @@ class SecondOrder(_Engine):
                          [c.detach() for c in cur], {"inner_loss": first, "outer_loss": float(out.detach())})
 
 
+@_engine
 class FirstOrder(_Engine):
     """First-order approximation (FOMAML; GeSSL §3.2 with f' treated as a constant): θ' is computed by ς inner steps
     and then treated as *independent of θ and φ*, so
@@ -242,6 +239,7 @@ class FirstOrder(_Engine):
         return HyperGrad(v, dphi, traj[-1], {"inner_loss": first, "outer_loss": out})
 
 
+@_engine
 class AidFD(_Engine):
     """Finite-difference hypergradient, DARTS-style (Liu et al. 2019, Eq. 7-8; GeSSL App. G.4 "AID-FD", the setting
     GeSSL reports using, App. G.1 and the last paragraph of G.4).
@@ -281,14 +279,15 @@ class AidFD(_Engine):
     """
 
     name = "aid_fd"
-    OPTIONS = ("fd_r", "check_every", "check_tol", "on_bad")
     QUALITY_LOGS = ("fd_check_error",)
 
-    def __init__(self, *, fd_r: float = 1e-4, check_every: int = 50, check_tol: float = 0.1, on_bad: str = "warn"):
-        self.fd_r = _check_real("fd_r", fd_r, lo=0.0, lo_open=True, engine=self.name)
-        self.check_every = _check_int("check_every", check_every, 0, engine=self.name)
-        self.check_tol = _check_real("check_tol", check_tol, lo=0.0, lo_open=True, engine=self.name)
-        self.on_bad = _check_choice("on_bad", on_bad, ON_BAD, self.name)
+    fd_r: float = option(1e-4, lo=0, lo_open=True)
+    check_every: int = option(50, lo=0)
+    check_tol: float = option(0.1, lo=0, lo_open=True)
+    on_bad: str = option("warn", choices=ON_BAD)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         self.calls, self.last_check = 0, None
 
     def _spot_check(self, inner_loss, theta_k, phi, v, diff) -> float:
@@ -332,6 +331,7 @@ class AidFD(_Engine):
         return HyperGrad([t.detach() for t in v], [t.detach() for t in dphi], traj[-1], logs)
 
 
+@_engine
 class _Aid(_Engine):
     """Shared implicit-differentiation core: θ' by ς plain steps, then the implicit function theorem at θ'."""
 
@@ -350,6 +350,7 @@ class _Aid(_Engine):
         return HyperGrad(v, phi_grads, traj[-1], logs)
 
 
+@_engine
 class AidCG(_Aid):
     """Approximate implicit differentiation with conjugate gradient (Rajeswaran et al. 2019; Grazzi et al. 2020;
     GeSSL App. G.4 "AID-CG", Eq. 24).
@@ -382,17 +383,13 @@ class AidCG(_Aid):
     """
 
     name = "aid_cg"
-    OPTIONS = ("cg_iters", "cg_damping", "cg_layerwise", "max_residual", "on_bad")
     QUALITY_LOGS = ("cg_residual",)
 
-    def __init__(self, *, cg_iters: int = 5, cg_damping: float | None = None, cg_layerwise: bool = False,
-                 max_residual: float = 0.1, on_bad: str = "warn"):
-        self.cg_iters = _check_int("cg_iters", cg_iters, 1, engine=self.name)
-        self.cg_damping = (None if cg_damping is None else
-                           _check_real("cg_damping", cg_damping, lo=0.0, engine=self.name))
-        self.cg_layerwise = _check_bool("cg_layerwise", cg_layerwise, self.name)
-        self.max_residual = _check_real("max_residual", max_residual, lo=0.0, lo_open=True, engine=self.name)
-        self.on_bad = _check_choice("on_bad", on_bad, ON_BAD, self.name)
+    cg_iters: int = option(5, lo=1)
+    cg_damping: float | None = option(None, lo=0, help="None: 1/inner_lr")
+    cg_layerwise: bool = option(False)
+    max_residual: float = option(0.1, lo=0, lo_open=True)
+    on_bad: str = option("warn", choices=ON_BAD)
 
     def _solve(self, H, v, lr):
         damping = 1.0 / lr if self.cg_damping is None else self.cg_damping
@@ -405,6 +402,7 @@ class AidCG(_Aid):
         return w, {"cg_residual": res}
 
 
+@_engine
 class AidNeumann(_Aid):
     """Approximate implicit differentiation with a truncated Neumann series (Lorraine et al. 2020, Alg. 3; GeSSL
     App. G.4 "AID-NMN", Eq. 23).  Same formula and same θ-gradient as :class:`AidCG`, with
@@ -427,17 +425,13 @@ class AidNeumann(_Aid):
     """
 
     name = "aid_neumann"
-    OPTIONS = ("neumann_iters", "neumann_alpha", "max_growth", "on_bad", "power_iters")
     QUALITY_LOGS = ("neumann_growth",)
 
-    def __init__(self, *, neumann_iters: int = 5, neumann_alpha: float | None = None, max_growth: float = 1.0,
-                 on_bad: str = "warn", power_iters: int = 10):
-        self.neumann_iters = _check_int("neumann_iters", neumann_iters, 1, engine=self.name)
-        self.power_iters = _check_int("power_iters", power_iters, 1, engine=self.name)
-        self.neumann_alpha = (None if neumann_alpha is None else
-                              _check_real("neumann_alpha", neumann_alpha, lo=0.0, lo_open=True, engine=self.name))
-        self.max_growth = _check_real("max_growth", max_growth, lo=0.0, lo_open=True, engine=self.name)
-        self.on_bad = _check_choice("on_bad", on_bad, ON_BAD, self.name)
+    neumann_iters: int = option(5, lo=1)
+    neumann_alpha: float | None = option(None, lo=0, lo_open=True, help="None: 1/λ̂ by power iteration")
+    max_growth: float = option(1.0, lo=0, lo_open=True)
+    on_bad: str = option("warn", choices=ON_BAD)
+    power_iters: int = option(10, lo=1)
 
     def _power_alpha(self, H, v) -> float:
         """1 / |λ|_max of the inner Hessian by ``power_iters`` power iterations from v (≥ 1/λ_max, and the power
@@ -464,6 +458,7 @@ class AidNeumann(_Aid):
         return w, {"neumann_alpha": alpha, "neumann_growth": growth}
 
 
+@_engine
 class MomentumProxy(_Engine):
     """GeSSL's momentum proxy (App. C, "How to integrate GeSSL in the ViT setting"): "to avoid costly differentiable
     second-order optimization, we instantiate f' and g' as momentum copies of f and g.  Their parameters are updated
@@ -494,11 +489,12 @@ class MomentumProxy(_Engine):
     """
 
     name = "momentum_proxy"
-    OPTIONS = ("momentum", "adapt_proxy")
 
-    def __init__(self, *, momentum: float = 0.996, adapt_proxy: bool = False):
-        self.momentum = _check_real("momentum", momentum, lo=0.0, hi=1.0, engine=self.name)
-        self.adapt_proxy = _check_bool("adapt_proxy", adapt_proxy, self.name)
+    momentum: float = option(0.996, lo=0, hi=1)
+    adapt_proxy: bool = option(False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         self.theta_ema: list[Tensor] | None = None
         self.phi_ema: list[Tensor] | None = None
         self.calls = 0
@@ -558,12 +554,7 @@ def make_engine(name: str, **opts) -> _Engine:
     """The engine called ``name`` with its options validated (unknown options and bad values raise ValueError)."""
     if name not in ENGINES:
         raise ValueError(f"hypergrad: unknown engine {name!r}; allowed: {', '.join(ENGINES)}")
-    cls = ENGINES[name]
-    unknown = sorted(set(opts) - set(cls.OPTIONS))
-    if unknown:
-        raise ValueError(f"hypergrad: engine {name!r} got unknown option(s) {', '.join(map(repr, unknown))}; "
-                         f"allowed: {', '.join(cls.OPTIONS) or '(none)'}")
-    return cls(**opts)
+    return ENGINES[name].from_dict(opts)
 
 
 def hypergradient(engine: EngineLike, inner_loss: LossFn, outer_loss: LossFn, theta: Params, phi: Params, *,

@@ -53,6 +53,7 @@ from .bilevel import FIRST_ORDER_ENGINES, FIRST_ORDER_WHY, BiLevelMethod, MetaAr
 from .hypergrad import set_grads
 from .meta import SSLNet
 from .objectives import Objective, Outputs
+from .options import option
 
 __all__ = [
     "ORDER",
@@ -309,47 +310,27 @@ class MCRConfig(MetaArgs):
       unless this is True.
     """
 
-    lambda1: float = 0.01
-    lambda2: float = 0.1
-    mu: float | None = None
-    lam: float | None = None
-    order: int = ORDER
-    fusion: str = "representation"
-    mixup_alpha: float | None = None
-    variant: str = "bilevel"
-    inner_lr: float | None = None
-    normalize: bool = True
-    detach_target: bool = True
-    check: str = "error"
-    allow_untrained_meta: bool = False
+    lambda1: float = option(0.01, lo=0)
+    lambda2: float = option(0.1, lo=0)
+    mu: float | None = option(None, lo=0, lo_open=True, help="None: (n + d)/2")
+    lam: float | None = option(None, lo=0, lo_open=True, help="None: 1/(2n)")
+    order: int = option(ORDER, lo=1, help="Taylor order m of Eq. 6-7")
+    fusion: str = option("representation", choices=FUSIONS)
+    mixup_alpha: float | None = option(None, lo=0, hi=1, help="None: α ~ U(0, 1) per sample")
+    variant: str = option("bilevel", choices=VARIANTS)
+    inner_lr: float | None = option(None, lo=0, lo_open=True, help="None: the trainer's lr")
+    normalize: bool = option(True)
+    detach_target: bool = option(True)
+    check: str = option("error", choices=CHECKS)
+    allow_untrained_meta: bool = option(False)
 
-    method = "mcr"
+    what = "mcr option"
 
     def __post_init__(self) -> None:
-        for key in ("lambda1", "lambda2"):
-            v = getattr(self, key)
-            if not _is_real(v) or not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"meta_args.{key}: must be a finite number >= 0, got {v!r}")
-        for key in ("mu", "lam", "inner_lr"):
-            v = getattr(self, key)
-            if v is not None and (not _is_real(v) or not (math.isfinite(v) and v > 0)):
-                raise ValueError(f"meta_args.{key}: must be a finite number > 0 or null (default), got {v!r}")
-        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
-            raise ValueError(f"meta_args.order: must be an integer >= 1 (Taylor order m of Eq. 6-7), "
-                             f"got {self.order!r}")
-        for key, allowed in (("fusion", FUSIONS), ("variant", VARIANTS), ("check", CHECKS)):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"meta_args.{key}: unknown value {getattr(self, key)!r}; allowed: {', '.join(allowed)}")
-        for key in ("normalize", "detach_target", "allow_untrained_meta"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"meta_args.{key}: must be true or false, got {getattr(self, key)!r}")
-        if self.mixup_alpha is not None:
-            if self.fusion != "mixup":
-                raise ValueError(f"meta_args.mixup_alpha: only used with fusion 'mixup', got fusion {self.fusion!r}; "
-                                 f"allowed: null (default) or set fusion: mixup")
-            if not _is_real(self.mixup_alpha) or not 0.0 <= self.mixup_alpha <= 1.0:
-                raise ValueError(f"meta_args.mixup_alpha: must be a number in [0, 1] or null (α ~ U(0, 1) per "
-                                 f"sample), got {self.mixup_alpha!r}")
+        super().__post_init__()
+        if self.mixup_alpha is not None and self.fusion != "mixup":
+            raise ValueError(f"meta_args.mixup_alpha: only used with fusion 'mixup', got fusion {self.fusion!r}; "
+                             f"allowed: null (default) or set fusion: mixup")
 
     def lam_for(self, n: int) -> float:
         return default_lam(n) if self.lam is None else float(self.lam)
@@ -364,10 +345,6 @@ class MCRConfig(MetaArgs):
                              f"converges iff ρ(λ·Ẑ·Z_tᵀ) < 1, and for L2-normalised rows ρ <= λ·n, reached by a "
                              f"collapsed batch); allowed: 0 < lam < 1/batch_size = {1.0 / batch_size:.4g}, or "
                              f"meta_args.check: warn / off to accept it")
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .objectives import Objective, Outputs
+from .options import Options
 
 
 def allowed_n_tasks(batch_size: int, min_tasks: int = 1) -> list[int]:
@@ -42,6 +43,17 @@ def check_n_tasks(batch_size: int, n_tasks, key: str = "n_tasks", min_tasks: int
             why = f"{n_tasks} leaves {batch_size // n_tasks} image per task for batch size {batch_size} (need >= 2)"
         raise ValueError(f"{key}: {why}; for batch size {batch_size} (divisors >= {min_tasks} leaving >= 2 images "
                          f"per task) allowed: {', '.join(map(str, allowed)) or 'none'}")
+
+
+class MetaArgs(Options):
+    """Base of a meta-method's options dataclass (``meta_args``; :mod:`bilevel_ssl.options`): errors name
+    ``meta_args.<key>``, and a subclass's ``what`` (``"gessl option"``) names its unknown keys."""
+
+    where = "meta_args"
+
+    @classmethod
+    def from_meta_args(cls, meta_args: dict):
+        return cls.from_dict(meta_args)
 
 
 def take(outs: list[dict[str, Tensor]] | None, idx) -> list[dict[str, Tensor]] | None:

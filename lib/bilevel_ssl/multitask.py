@@ -25,15 +25,16 @@ The cosines of the raw task gradients {g_k} (before surgery) over the shared par
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .conflict import check_n_tasks, conflict_summary, cosine_matrix, flatten, task_gradients, task_losses
-from .meta import SingleLevel, SSLNet
+from .meta import MetaArgs, SingleLevel, SSLNet
 from .objectives import Objective
+from .options import option
 
 __all__ = ["COMBINES", "SHARED", "MultiTaskConfig", "pcgrad", "gradvac", "graddrop", "MultiTask"]
 
@@ -156,7 +157,7 @@ def graddrop(grads: list[Tensor], leak: float = 0.0, u: Tensor | None = None,
 
 
 @dataclass
-class MultiTaskConfig:
+class MultiTaskConfig(MetaArgs):
     """Options of ``meta: multitask`` (``meta_args``), with their sources.
 
     * ``n_tasks`` K = 2: Fig. 1 / App. Fig. 4 split each batch into two tasks ("SimCLR+T"); TC² itself uses 4.
@@ -169,33 +170,13 @@ class MultiTaskConfig:
     * ``graddrop_leak`` ℓ = 0: full GradDrop (Chen et al. 2020's default; ℓ = 1 is ``sum``).
     """
 
-    n_tasks: int = 2
-    combine: str = "sum"
-    shared: str = "all"
-    gradvac_beta: float = 0.01
-    graddrop_leak: float = 0.0
+    n_tasks: int = option(2)  # its range depends on the batch size: MultiTask.check_config
+    combine: str = option("sum", choices=COMBINES)
+    shared: str = option("all", choices=SHARED)
+    gradvac_beta: float = option(0.01, lo=0, hi=1)
+    graddrop_leak: float = option(0.0, lo=0, hi=1)
 
-
-def _err(key: str, msg: str) -> ValueError:
-    return ValueError(f"meta_args.{key}: {msg}")
-
-
-def _parse(meta_args: dict) -> MultiTaskConfig:
-    allowed = [f.name for f in fields(MultiTaskConfig)]
-    unknown = sorted(set(meta_args) - set(allowed))
-    if unknown:
-        raise ValueError(f"meta_args: unknown multitask option(s) {unknown}; allowed: {', '.join(allowed)}")
-    cfg = MultiTaskConfig(**meta_args)
-    if isinstance(cfg.n_tasks, bool) or not isinstance(cfg.n_tasks, int):
-        raise _err("n_tasks", f"expected int, got {type(cfg.n_tasks).__name__} {cfg.n_tasks!r}")
-    for key, allowed_values in (("combine", COMBINES), ("shared", SHARED)):
-        if getattr(cfg, key) not in allowed_values:
-            raise _err(key, f"unknown value {getattr(cfg, key)!r}; allowed: {', '.join(allowed_values)}")
-    for key in ("gradvac_beta", "graddrop_leak"):
-        v = getattr(cfg, key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0.0 <= v <= 1.0):
-            raise _err(key, f"must be a number in [0, 1], got {v!r}")
-    return cfg
+    what = "multitask option"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -224,11 +205,12 @@ class MultiTask(SingleLevel):
     """
 
     name = "multitask"
+    options = MultiTaskConfig
     code_modules = ("multitask", "conflict")
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        opts = _parse(cfg.meta_args)
+        opts = cls.options.from_meta_args(cfg.meta_args)
         check_n_tasks(cfg.batch_size, opts.n_tasks, key="meta_args.n_tasks / batch_size")
         if cfg.hypergrad_args:
             raise ValueError("hypergrad_args: meta 'multitask' is single-level and uses no hypergradient engine; "
@@ -236,7 +218,7 @@ class MultiTask(SingleLevel):
 
     def __init__(self, objective: Objective, net: SSLNet, cfg=None):
         super().__init__(objective, net)
-        self.cfg = _parse(cfg.meta_args if cfg is not None else {})
+        self.cfg = self.options.from_meta_args(cfg.meta_args if cfg is not None else {})
         k = self.cfg.n_tasks
         self.gradvac_targets = torch.zeros(k, k, dtype=torch.float64)
 

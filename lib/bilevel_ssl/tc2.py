@@ -123,6 +123,7 @@ from .bilevel import BiLevelMethod, MetaArgs
 from .hypergrad import set_grads
 from .meta import SSLNet, allowed_n_tasks, check_n_tasks, take
 from .objectives import Objective, Outputs
+from .options import option
 from .tc2_losses import (REDUCTIONS, FactorNet, WeightNet, batch_statistics, calibrate, l1_loss, loss_v, loss_w,
                          orthogonality_loss, reconstruction_loss, sse_loss)
 
@@ -177,47 +178,26 @@ class TC2Config(MetaArgs):
     * ``sse_normalize`` - L2-normalise ẑ before the squared errors of L_sse (scale-free, as BYOL's loss).
     """
 
-    n_tasks: int = 4
-    n_views: int = 4
-    n_support: int = 2
-    n_f: int = 0
-    lambda_s: float = 0.1
-    variant: str = "full"
-    query_loss: str = "sse"
-    inner_lr: float = 0.1
-    inner_steps: int = 1
-    tc_inner_lr: float = 0.1
-    tc_lr: float = 0.05
-    fv_hidden: int = 64
-    fw_hidden: int = 128
-    reduction: str = "mean"
-    sse_normalize: bool = True
+    n_tasks: int = option(4, lo=1)
+    n_views: int = option(4, lo=2)
+    n_support: int = option(2, lo=1)
+    n_f: int = option(0, lo=0, help="0: n_f = d")
+    lambda_s: float = option(0.1, lo=0)
+    variant: str = option("full", choices=VARIANTS)
+    query_loss: str = option("sse", choices=QUERY_LOSSES)
+    inner_lr: float = option(0.1, lo=0, lo_open=True)
+    inner_steps: int = option(1, lo=1)
+    tc_inner_lr: float = option(0.1, lo=0, lo_open=True)
+    tc_lr: float = option(0.05, lo=0, lo_open=True)
+    fv_hidden: int = option(64, lo=1)
+    fw_hidden: int = option(128, lo=1)
+    reduction: str = option("mean", choices=REDUCTIONS)
+    sse_normalize: bool = option(True)
 
-    method = "tc2"
-    _INTS = {"n_tasks": 1, "n_views": 2, "n_support": 1, "n_f": 0, "inner_steps": 1, "fv_hidden": 1, "fw_hidden": 1}
-    _POSITIVE = ("inner_lr", "tc_inner_lr", "tc_lr")
-    _CHOICES = {"variant": VARIANTS, "query_loss": QUERY_LOSSES, "reduction": REDUCTIONS}
+    what = "tc2 option"
 
     def __post_init__(self) -> None:
-        for key, lo in self._INTS.items():
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ValueError(f"meta_args.{key}: must be an integer >= {lo}, got {value!r}")
-        for key in self._POSITIVE + ("lambda_s",):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"meta_args.{key}: must be a finite number, got {value!r}")
-        for key in self._POSITIVE:
-            if getattr(self, key) <= 0:
-                raise ValueError(f"meta_args.{key}: must be > 0, got {getattr(self, key)!r}")
-        if self.lambda_s < 0:
-            raise ValueError(f"meta_args.lambda_s: must be >= 0, got {self.lambda_s!r}")
-        for key, allowed in self._CHOICES.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"meta_args.{key}: unknown value {getattr(self, key)!r}; "
-                                 f"allowed: {', '.join(allowed)}")
-        if not isinstance(self.sse_normalize, bool):
-            raise ValueError(f"meta_args.sse_normalize: must be true or false, got {self.sse_normalize!r}")
+        super().__post_init__()
         n_query = self.n_views - self.n_support
         if self.n_support < 2 or n_query < 1:
             raise ValueError(f"meta_args.n_support: the support set needs >= 2 views per image (a pair for the SSL "

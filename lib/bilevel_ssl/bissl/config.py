@@ -8,13 +8,13 @@ preset (:func:`crop_flip`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..augment import PRESETS, AugmentConfig, preset
 from ..config import DEVICES, SCHEDULES, TrainConfig, resolve_device
+from ..options import Options, fail, option
 
 # Objectives whose outputs are a deterministic function of the views (MAE draws random masks inside ``outputs``,
 # so repeated HVP evaluations on "one batch" would see different masks).
@@ -23,58 +23,12 @@ OBJECTIVES_OK = ("simclr", "moco_v2", "byol", "simsiam", "dino", "barlow_twins",
 CG_ON_RESIDUAL = ("warn", "stop", "global")
 
 
-def _fail(prefix: str, key: str, msg: str) -> ValueError:
-    return ValueError(f"{prefix}.{key}: {msg}")
-
-
-def _check_preset(prefix: str, key: str, value: str) -> None:
-    """An augmentation preset name, or '' for none."""
-    if value and value not in PRESETS:
-        raise _fail(prefix, key, f"unknown preset {value!r}; allowed: '' (none) or {', '.join(sorted(PRESETS))}")
-
-
-def _check_fields(obj, prefix: str, spec: dict) -> None:
-    """spec: key -> (kind, lo, lo_open) with kind in int/float/bool/str/optint/optfloat; lo None = no bound."""
-    for key, (kind, lo, lo_open) in spec.items():
-        value = getattr(obj, key)
-        optional = kind.startswith("opt")
-        base = kind[3:] if optional else kind
-        if optional and value is None:
-            continue
-        allowed = " or None" if optional else ""
-        if base == "bool":
-            if not isinstance(value, bool):
-                raise _fail(prefix, key, f"must be True or False, got {value!r}")
-            continue
-        if base == "str":
-            if not isinstance(value, str):
-                raise _fail(prefix, key, f"must be a string{allowed}, got {value!r}")
-            continue
-        if base == "int":
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise _fail(prefix, key, f"must be an integer{allowed}, got {type(value).__name__} {value!r}")
-        else:
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                hint = " (YAML 1.1 reads 1e-3 as a string: write 1.0e-3)" if isinstance(value, str) else ""
-                raise _fail(prefix, key, f"must be a number{allowed}, got {type(value).__name__} {value!r}{hint}")
-            if not math.isfinite(value):
-                raise _fail(prefix, key, f"must be finite, got {value!r}")
-        if lo is not None and (value <= lo if lo_open else value < lo):
-            raise _fail(prefix, key, f"must be {'>' if lo_open else '>='} {lo}{allowed}, got {value!r}")
-
-
-def _from_dict(cls, d: dict, prefix: str):
-    if not isinstance(d, dict):
-        raise ValueError(f"{prefix}: expected a dict of options, got {type(d).__name__}")
-    keys = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(keys))
-    if unknown:
-        raise ValueError(f"{prefix}: unknown key(s) {unknown}; allowed: {', '.join(keys)}")
-    return cls(**d)
+# '' (none) or an augmentation preset, whose crop + flip is used (crop_flip)
+AUGMENTS = ("",) + tuple(sorted(PRESETS))
 
 
 @dataclass
-class BiSSLConfig:
+class BiSSLConfig(Options):
     """Everything the BiSSL stage (head warm-up + Algorithm 1) needs, validated on construction: a bad value raises
     ``ValueError("bissl.<key>: ...")`` naming the allowed values, before any compute.
 
@@ -127,74 +81,42 @@ class BiSSLConfig:
       augmentation, §4.2.1): see the package docstring.
     """
 
-    alternations: int = 500
-    lower_steps: int = 20
-    upper_steps: int = 8
-    lam: float = 1e-3
-    cg_iters: int = 5
-    cg_damping: float = 10.0
-    cg_layerwise: bool = True
-    cg_max_residual: float = 0.5
-    cg_on_residual: str = "warn"
-    direct_weight: float = 1.0
-    clip_norm: float = 10.0
-    hvp_batch_size: int | None = None
-    lower_lr: float | None = None
-    lower_weight_decay: float | None = None
-    lower_batch_size: int | None = None
-    lower_warmup: int = 10
-    teacher_momentum: float = 0.9995
-    downstream_lr: float = 0.05
-    downstream_momentum: float = 0.9
-    downstream_weight_decay: float = 5e-4
-    downstream_batch_size: int = 256
-    upper_schedule: str = "cosine"
-    warmup_epochs: int = 20
-    head_standardize: bool = True
-    downstream_augment: str = ""
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
+    alternations: int = option(500, lo=1)
+    lower_steps: int = option(20, lo=1)
+    upper_steps: int = option(8, lo=1)
+    lam: float = option(1e-3, lo=0, lo_open=True)
+    cg_iters: int = option(5, lo=0)
+    cg_damping: float = option(10.0, lo=0)
+    cg_layerwise: bool = option(True)
+    cg_max_residual: float = option(0.5, lo=0, lo_open=True)
+    cg_on_residual: str = option("warn", choices=CG_ON_RESIDUAL)
+    direct_weight: float = option(1.0, lo=0)
+    clip_norm: float = option(10.0, lo=0, help="0 disables")
+    hvp_batch_size: int | None = option(None, lo=2, help="None: the lower batch size")
+    lower_lr: float | None = option(None, lo=0, lo_open=True, help="None: the pretext run's")
+    lower_weight_decay: float | None = option(None, lo=0, help="None: the pretext run's")
+    lower_batch_size: int | None = option(None, lo=2, help="None: the pretext run's")
+    lower_warmup: int = option(10, lo=0)
+    teacher_momentum: float = option(0.9995, lo=0, hi=1)
+    downstream_lr: float = option(0.05, lo=0, lo_open=True)
+    downstream_momentum: float = option(0.9, lo=0, hi=1, hi_open=True)
+    downstream_weight_decay: float = option(5e-4, lo=0)
+    downstream_batch_size: int = option(256, lo=2)
+    upper_schedule: str = option("cosine", choices=SCHEDULES)
+    warmup_epochs: int = option(20, lo=0)
+    head_standardize: bool = option(True)
+    downstream_augment: str = option("", choices=AUGMENTS)
+    seed: int = option(0, lo=0)
+    device: str = option("cpu", choices=DEVICES)
+    progress: bool = option(True)
 
-    _SPEC = {
-        "alternations": ("int", 1, False), "lower_steps": ("int", 1, False), "upper_steps": ("int", 1, False),
-        "lam": ("float", 0.0, True), "cg_iters": ("int", 0, False), "cg_damping": ("float", 0.0, False),
-        "cg_layerwise": ("bool", None, False), "cg_max_residual": ("float", 0.0, True),
-        "cg_on_residual": ("str", None, False), "direct_weight": ("float", 0.0, False),
-        "clip_norm": ("float", 0.0, False), "hvp_batch_size": ("optint", 2, False),
-        "lower_lr": ("optfloat", 0.0, True), "lower_weight_decay": ("optfloat", 0.0, False),
-        "lower_batch_size": ("optint", 2, False), "lower_warmup": ("int", 0, False),
-        "teacher_momentum": ("float", 0.0, False), "downstream_lr": ("float", 0.0, True),
-        "downstream_momentum": ("float", 0.0, False), "downstream_weight_decay": ("float", 0.0, False),
-        "downstream_batch_size": ("int", 2, False), "upper_schedule": ("str", None, False),
-        "warmup_epochs": ("int", 0, False), "head_standardize": ("bool", None, False),
-        "downstream_augment": ("str", None, False), "seed": ("int", 0, False), "device": ("str", None, False),
-        "progress": ("bool", None, False),
-    }
+    where = "bissl"
 
     def __post_init__(self) -> None:
-        _check_fields(self, "bissl", self._SPEC)
-        if self.teacher_momentum > 1.0:
-            raise _fail("bissl", "teacher_momentum", f"must be in [0, 1], got {self.teacher_momentum!r}")
-        if self.downstream_momentum >= 1.0:
-            raise _fail("bissl", "downstream_momentum", f"must be in [0, 1), got {self.downstream_momentum!r}")
+        super().__post_init__()
         if self.lower_warmup and self.lower_warmup >= self.alternations:
-            raise _fail("bissl", "lower_warmup", f"must be < alternations ({self.alternations}) or 0, got "
-                                                  f"{self.lower_warmup!r}")
-        if self.cg_on_residual not in CG_ON_RESIDUAL:
-            raise _fail("bissl", "cg_on_residual", f"unknown value {self.cg_on_residual!r}; allowed: "
-                                                    f"{', '.join(CG_ON_RESIDUAL)}")
-        if self.upper_schedule not in SCHEDULES:
-            raise _fail("bissl", "upper_schedule", f"unknown value {self.upper_schedule!r}; allowed: "
-                                                    f"{', '.join(SCHEDULES)}")
-        if self.device not in DEVICES:
-            raise _fail("bissl", "device", f"unknown value {self.device!r}; allowed: {', '.join(DEVICES)}")
-        _check_preset("bissl", "downstream_augment", self.downstream_augment)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BiSSLConfig":
-        """From a params dict; unknown keys raise ``bissl: unknown key(s) ...; allowed: ...``."""
-        return _from_dict(cls, d, "bissl")
+            raise fail("bissl", "lower_warmup", f"must be < alternations ({self.alternations}) or 0, got "
+                                                 f"{self.lower_warmup!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -223,19 +145,19 @@ class BiSSLConfig:
         lower = self.lower_settings(pretext_cfg)
         key = "lower_batch_size" if self.lower_batch_size is not None else "lower_batch_size (the pretext batch_size)"
         if lower["batch_size"] > n_pretext:
-            raise _fail("bissl", key, f"{lower['batch_size']} is larger than the {n_pretext} pretext images; allowed: "
+            raise fail("bissl", key, f"{lower['batch_size']} is larger than the {n_pretext} pretext images; allowed: "
                                       f"2..{n_pretext}")
         if self.hvp_batch_size is not None and self.hvp_batch_size > n_pretext:
-            raise _fail("bissl", "hvp_batch_size", f"{self.hvp_batch_size} is larger than the {n_pretext} pretext "
+            raise fail("bissl", "hvp_batch_size", f"{self.hvp_batch_size} is larger than the {n_pretext} pretext "
                                                    f"images; allowed: 2..{n_pretext} or None")
         if n_downstream is not None and self.downstream_batch_size > n_downstream:
-            raise _fail("bissl", "downstream_batch_size", f"{self.downstream_batch_size} is larger than the "
+            raise fail("bissl", "downstream_batch_size", f"{self.downstream_batch_size} is larger than the "
                                                           f"{n_downstream} downstream training images; allowed: "
                                                           f"2..{n_downstream}")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Options):
     """The final supervised fine-tuning (§4.2.1 "Fine-Tuning on the Downstream Task"): a new linear layer on the
     backbone, cross-entropy, SGD momentum 0.9, cosine schedule, through :func:`bilevel_ssl.semisup.finetune` with all
     labels (``fraction`` 1).  Paper: 400 epochs, batch 256, one lr and wd per dataset and method from a 100-point
@@ -245,28 +167,21 @@ class FinetuneConfig:
     (on, fine-tuning a BiSSL θ_P diverged: see :func:`~bilevel_ssl.evaluate.feature_normalizer`).  The paper keeps the epoch with the best
     validation accuracy; here the last epoch is scored (no validation split)."""
 
-    epochs: int = 400
-    lr: float = 0.05
-    lr_head: float | None = None
-    weight_decay: float = 5e-4
-    batch_size: int = 256
-    augment: str = ""
-    standardize: bool = False
+    epochs: int = option(400, lo=1)
+    lr: float = option(0.05, lo=0)
+    lr_head: float | None = option(None, lo=0, lo_open=True, help="None: lr")
+    weight_decay: float = option(5e-4, lo=0)
+    batch_size: int = option(256, lo=1)
+    augment: str = option("", choices=AUGMENTS)
+    standardize: bool = option(False)
 
-    _SPEC = {"epochs": ("int", 1, False), "lr": ("float", 0.0, False), "lr_head": ("optfloat", 0.0, True),
-             "weight_decay": ("float", 0.0, False), "batch_size": ("int", 1, False), "augment": ("str", None, False),
-             "standardize": ("bool", None, False)}
+    where = "finetune"
 
     def __post_init__(self) -> None:
-        _check_fields(self, "finetune", self._SPEC)
+        super().__post_init__()
         if self.lr == 0 and self.lr_head is None:
-            raise _fail("finetune", "lr", "0 freezes the backbone and leaves the head without a learning rate; "
-                                          "set lr_head too, or lr > 0")
-        _check_preset("finetune", "augment", self.augment)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FinetuneConfig":
-        return _from_dict(cls, d, "finetune")
+            raise fail("finetune", "lr", "0 freezes the backbone and leaves the head without a learning rate; "
+                                         "set lr_head too, or lr > 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

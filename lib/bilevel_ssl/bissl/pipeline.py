@@ -18,8 +18,9 @@ from torch import Tensor
 from ..config import TrainConfig
 from ..data import ImageSet
 from ..meta import SingleLevel
+from ..options import fail
 from ..trainer import CHECKPOINT
-from .config import BiSSLConfig, FinetuneConfig, _fail
+from .config import BiSSLConfig, FinetuneConfig
 from .implicit import hessian_extremes, implicit_gradient, norm
 from .stage import BiSSLResult, BiSSLStage, PretextModel
 from .warmup import DownstreamHead, warmup_head
@@ -144,7 +145,7 @@ def run_pipeline(pretext_cfg: TrainConfig, cfg: BiSSLConfig, ft: FinetuneConfig,
         raise TypeError(f"pretext_cfg: expected TrainConfig, got {type(pretext_cfg).__name__}")
     cfg.check_against(pretext_cfg, len(pretext_images), len(train))
     if ft.batch_size > len(train):
-        raise _fail("finetune", "batch_size", f"{ft.batch_size} is larger than the {len(train)} downstream "
+        raise fail("finetune", "batch_size", f"{ft.batch_size} is larger than the {len(train)} downstream "
                                                f"training images; allowed: 1..{len(train)}")
     if pretext is None:
         pretext = pretrain(pretext_cfg, pretext_images, root=cache_root)
