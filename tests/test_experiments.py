@@ -68,3 +68,51 @@ def test_knn_monitor_scores_a_backbone(mnistm):
     net = SSLNet(make_backbone("conv4", 3, width=8), torch.nn.ModuleDict({"projector": torch.nn.Identity()}))
     out = knn_monitor(splits, n_train=200, n_test=100)(1, net)
     assert set(out) == {"monitor_knn"} and 0.2 < out["monitor_knn"] <= 1.0
+
+
+def test_run_grid_trains_each_configuration_once_and_keeps_diverged_rows():
+    """Entries with equal configurations share one training run; a FloatingPointError becomes a diverged row with
+    NaN scores (not a dropped row); rows keep the order and the key parts of the grid."""
+    from types import SimpleNamespace
+
+    from bilevel_ssl.experiments import config_key, run_grid
+
+    ref = make_config("simclr", seed=0, epochs=1)
+    configs = {("tc2", "full", 0): ref, ("n_tasks", "4", 0): make_config("simclr", seed=0, epochs=1),
+               ("n_tasks", "2", 0): make_config("simclr", seed=0, epochs=2), ("bad", "x", 1): make_config("simclr", seed=1)}
+    assert config_key(configs[("tc2", "full", 0)]) == config_key(configs[("n_tasks", "4", 0)])
+    trained = []
+
+    def train(cfg):
+        trained.append(cfg.epochs if cfg.seed == 0 else -1)
+        if cfg.seed == 1:
+            raise FloatingPointError("non-finite gradient")
+        return SimpleNamespace(history=[{"epoch": e + 1, "loss": 1.0 / (e + 1)} for e in range(cfg.epochs)])
+
+    rows, hist = run_grid(configs, train, lambda run, cfg: {"acc": 0.5 + cfg.epochs / 10, "cached": False},
+                          columns=["acc", "absent"])
+    assert sorted(trained) == [-1, 1, 2]  # three distinct configurations, three runs
+    assert [(r["group"], r["label"], r["seed"]) for r in rows] == list(configs)
+    assert rows[0]["acc"] == rows[1]["acc"] == pytest.approx(0.6) and rows[2]["acc"] == pytest.approx(0.7)
+    assert np.isnan(rows[0]["absent"]) and "cached" not in rows[0]
+    assert [r["diverged"] for r in rows] == [0.0, 0.0, 0.0, 1.0] and np.isnan(rows[3]["acc"])
+    assert set(hist) == set(list(configs)[:3]) and len(hist[("n_tasks", "2", 0)]) == 2
+    with pytest.raises(ValueError, match="names"):
+        run_grid(configs, train, lambda run, cfg: {}, names=("group", "label"))
+
+
+def test_described_pairs_like_the_claims():
+    """Mean paired differences over the seeds both runs have usable (diverged and one-sided seeds dropped and
+    named); a pair with an absent run says so instead of raising."""
+    import pandas as pd
+
+    from bilevel_ssl.claims import from_wide
+    from bilevel_ssl.experiments import described
+
+    runs = pd.DataFrame({"run": ["a"] * 3 + ["b"] * 4, "seed": [0, 1, 2, 0, 1, 2, 3],
+                         "acc": [0.5, 0.7, 0.9, 0.4, 0.5, 0.1, 0.3], "knn": [0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1],
+                         "diverged": [0, 0, 0, 0, 0, 1, 0]})
+    out = described(from_wide(runs, "run", ["acc", "knn"]), {"x": ("a", "b"), "y": ("a", "c")}, ["acc", "knn"])
+    assert out["x"].startswith("described, not decided: a − b: acc +0.150, knn +0.100 (mean over 2 paired seeds")
+    assert "seed 2: B diverged" in out["x"] and "seeds on one side only: 3" in out["x"]
+    assert out["y"] == "not in the table: c"
