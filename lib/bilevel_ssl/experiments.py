@@ -101,27 +101,6 @@ def knn_monitor(splits: Splits, *, n_train: int = 1000, n_test: int = 500, devic
     return monitor
 
 
-def paired_difference(method, base) -> dict[str, float]:
-    """Mean and 95% CI half-width (Student t over seeds) of the per-seed difference ``method − base``."""
-    d = np.asarray(method, dtype=float) - np.asarray(base, dtype=float)
-    mean, ci = mean_ci95(d)
-    return {"diff": mean, "ci95": ci, "n": int(len(d))}
-
-
-def verdict(diff: float, ci95: float, n: int, *, higher_is_better: bool = True) -> str:
-    """``holds`` / ``does not hold`` / ``inconclusive`` for a claim "the method is better", from a paired
-    difference (method − base) over ``n`` seeds: the 95% CI must exclude 0 to decide; with fewer than 2 seeds
-    nothing is decided."""
-    if n < 2 or not math.isfinite(diff) or not math.isfinite(ci95):
-        return "inconclusive (fewer than 2 seeds)"
-    signed = diff if higher_is_better else -diff
-    if signed - ci95 > 0:
-        return "holds"
-    if signed + ci95 < 0:
-        return "does not hold (the method is worse)"
-    return "inconclusive (CI includes 0)"
-
-
 def summarize(rows: list[dict], by: list[str], metrics: list[str]) -> "pandas.DataFrame":  # noqa: F821
     """Mean and 95% CI over seeds of ``metrics`` per group ``by``; columns ``<metric>`` and ``<metric>_ci95``."""
     import pandas as pd
