@@ -7,6 +7,7 @@ float64 wherever the check is about the maths (agreement up to rounding); tolera
 
 import copy
 import math
+import numpy as np
 
 import pytest
 import torch
@@ -684,3 +685,123 @@ def test_bad_residual_warns_once_per_run_and_every_upper_step_is_logged():
     with warnings.catch_warnings():
         warnings.simplefilter("error", CGResidualWarning)
         tiny_run(cg_max_residual=1e12)  # below the threshold: silent
+
+
+# ---------------------------------------------------------------------------------- notebook 30's library helpers
+
+def test_balanced_indices_take_the_same_number_per_class():
+    from bilevel_ssl.bissl import balanced_indices, balanced_subset
+
+    y = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    idx = balanced_indices(y, 30, seed=3)
+    assert list(np.bincount(y[idx])) == [10, 10, 10] and list(idx) == sorted(set(idx))
+    assert list(idx) == list(balanced_indices(y, 30, seed=3)) and list(idx) != list(balanced_indices(y, 30, seed=4))
+    assert list(balanced_indices(y, 0)) == list(range(100)) and list(balanced_indices(y, 100)) == list(range(100))
+    assert list(np.bincount(y[balanced_indices(y, 2)])) == [1, 1, 1]  # at least one per class
+    ds = tiny_images(40, classes=4)
+    sub = balanced_subset(ds, 8)
+    assert len(sub) == 8 and list(torch.bincount(sub.labels)) == [2, 2, 2, 2] and balanced_subset(ds, 0) is ds
+
+
+def test_only_ft_model_continues_or_retrains_longer(monkeypatch):
+    """continue: the uncoupled lower steps (continue_pretext); retrain: the pretext config with the equivalent
+    extra epochs, rounded, at least one, through pretrain."""
+    from bilevel_ssl.bissl import only_ft_model
+    from bilevel_ssl.bissl import pipeline as P
+
+    pm = tiny_pretext(dtype=torch.float32)
+    images = tiny_images(24, seed=2)
+    cfg = BiSSLConfig(alternations=2, lower_steps=2, upper_steps=1, lower_warmup=0, downstream_batch_size=8,
+                      warmup_epochs=0, progress=False)
+    a, b = only_ft_model("continue", pm, images, cfg), continue_pretext(pm, images, cfg)
+    assert [r["lower_loss"] for r in a.history] == [r["lower_loss"] for r in b.history] and a.backbone_D is None
+    seen = []
+    monkeypatch.setattr(P, "pretrain", lambda c, imgs: seen.append(c) or "model")
+    assert only_ft_model("retrain", pm, images, cfg) == "model"
+    extra = equivalent_epochs(cfg, pm.cfg, len(images))  # 2 * 2 * 8 / 24 = 1.33
+    assert seen[0].epochs == pm.cfg.epochs + max(1, round(extra)) and seen[0].seed == pm.cfg.seed
+    with pytest.raises(ValueError, match="baseline: unknown 'longer'"):
+        only_ft_model("longer", pm, images, cfg)
+
+
+def test_run_pipeline_fine_tunes_a_given_baseline_model(monkeypatch):
+    """With baseline_model given, the only-FT arm fine-tunes its backbone and no extra pretext steps run."""
+    from types import SimpleNamespace
+
+    from bilevel_ssl.bissl import pipeline as P
+
+    pm = tiny_pretext(dtype=torch.float32)
+    given = SimpleNamespace(backbone="given backbone")
+    calls = []
+    monkeypatch.setattr(P, "run_bissl", lambda *a, **k: SimpleNamespace(backbone="theta_P"))
+    monkeypatch.setattr(P, "continue_pretext", lambda *a, **k: calls.append("continue"))
+    scores = {"theta_P": 0.7, "given backbone": 0.6}
+    monkeypatch.setattr(P, "finetune_backbone", lambda bb, *a, **k: {"top1": scores[bb]})
+    cfg = BiSSLConfig(alternations=1, lower_steps=1, upper_steps=1, lower_warmup=0, downstream_batch_size=8,
+                      progress=False)
+    out = run_pipeline(pm.cfg, cfg, FinetuneConfig(epochs=1, batch_size=8), tiny_images(24, seed=2),
+                       tiny_images(16, seed=1), tiny_images(16, seed=3), pretext=pm, baseline_model=given)
+    assert out["bissl"]["top1"] == 0.7 and out["only_ft"]["top1"] == 0.6 and out["baseline_result"] is given
+    assert calls == [] and out["bissl_s"] >= 0.0
+
+
+def test_pipeline_row_and_compare_arms(monkeypatch):
+    """pipeline_row: each arm's scores under its own name, the last and mean stage numbers; compare_arms: one row per
+    task with the pretext run's epochs and the seed, the baseline model shared by every task."""
+    from types import SimpleNamespace
+
+    from bilevel_ssl.bissl import Downstream, compare_arms, pipeline_row
+    from bilevel_ssl.bissl import pipeline as P
+
+    result = SimpleNamespace(history=[{"distance": 0.5, "cg_residual": 0.2, "ig_cos": 0.9},
+                                      {"distance": 0.8, "cg_residual": 0.4, "ig_cos": 0.5}],
+                             warmup_history=[{"acc": 0.3}, {"acc": 0.6}])
+    out = {"result": result, "bissl": {"top1": 0.7, "top5": 0.9}, "only_ft": {"top1": 0.6, "top5": 0.95},
+           "bissl_s": 2.0}
+    row = pipeline_row(out)
+    assert (row["bissl_top1"], row["only_ft_top1"], row["bissl_top5"], row["only_ft_top5"]) == (0.7, 0.6, 0.9, 0.95)
+    assert row["final_distance"] == 0.8 and row["final_cg_residual"] == 0.4 and row["warmup_acc"] == 0.6
+    assert row["mean_cg_residual"] == pytest.approx(0.3) and row["mean_ig_cos"] == pytest.approx(0.7)
+    assert math.isnan(pipeline_row({**out, "only_ft": None})["only_ft_top1"])
+    seen = []
+    monkeypatch.setattr(P, "run_pipeline", lambda pcfg, cfg, ft, imgs, train, test, **kw: seen.append(
+        (train, kw["baseline_model"])) or out)
+    pm = tiny_pretext(dtype=torch.float32)
+    tasks = {"a": Downstream("a", "train a", "test a"), "b": Downstream("b", "train b", "test b")}
+    rows, results = compare_arms(pm.cfg, pm, BiSSLConfig(seed=4), FinetuneConfig(), "images", tasks, "baseline")
+    assert [(r["task"], r["epochs"], r["seed"]) for r in rows] == [("a", pm.cfg.epochs, 4), ("b", pm.cfg.epochs, 4)]
+    assert seen == [("train a", "baseline"), ("train b", "baseline")] and results == {"a": result, "b": result}
+    assert rows[0]["bissl_top1"] == 0.7
+
+
+def test_feature_scores_reestimate_batchnorm_first():
+    """The scores use the backbone with BatchNorm statistics re-estimated on the task's training images (not its
+    stored ones), and leave the backbone itself unchanged."""
+    from bilevel_ssl.bissl import Downstream, feature_scores
+    from bilevel_ssl.evaluate import extract_features, reestimate_bn
+
+    pm = tiny_pretext(dtype=torch.float32)
+    task = Downstream("t", tiny_images(32, seed=1), tiny_images(24, seed=2))
+    before = copy.deepcopy(pm.backbone.state_dict())
+    f_te, sc = feature_scores(pm.backbone, task, bn_batches=2, seed=0)
+    for k, v in pm.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    expected = extract_features(reestimate_bn(pm.backbone, task.train, n_batches=2, seed=0), task.test)
+    assert np.allclose(f_te, expected) and not np.allclose(f_te, extract_features(pm.backbone, task.test))
+    assert f_te.shape == (24, pm.backbone.feature_dim) and -1.0 <= sc["silhouette"] <= 1.0 and 0.0 <= sc["knn"] <= 1.0
+
+
+def test_cg_summary_reads_the_stage_settings():
+    from bilevel_ssl.bissl import cg_summary
+
+    rows = [{"damping": d, "layerwise": lw, "iters": n, "residual": r}
+            for d, lw, n, r in [(10.0, True, 1, 0.9), (10.0, True, 5, 0.3), (10.0, False, 5, 0.01),
+                                (100.0, True, 5, 0.05)]]
+    diag = {"lowest": -2.0, "highest": 50.0, "pd_threshold": -11.0, "power_iters": 5, "rows": rows}
+    text = cg_summary(diag, BiSSLConfig(lam=1.0, cg_damping=10.0))
+    assert "not shown indefinite" in text and "λ + λ_damp = 11" in text
+    assert text.endswith("layer-wise CG with that damping: residual 0.9 after 1 iteration, residual 0.3 after 5 "
+                         "iterations")
+    assert "is indefinite" in cg_summary({**diag, "lowest": -12.0}, BiSSLConfig(lam=1.0, cg_damping=10.0))
+    assert cg_summary(diag, BiSSLConfig(cg_layerwise=False, cg_damping=10.0)).endswith("global CG with that "
+                                                                                       "damping: residual 0.01 after 5 iterations")

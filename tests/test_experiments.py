@@ -1,11 +1,12 @@
-"""Shared experiment helpers: recipes reach the config, verdicts follow the paired CI, summaries aggregate seeds."""
+"""Shared experiment helpers: recipes reach the config, summaries aggregate seeds, a grid trains each configuration
+once, comparisons outside the claims are paired as the claims are."""
 
 import numpy as np
 import pytest
 from scipy import stats
 
 from bilevel_ssl.config import ConfigError
-from bilevel_ssl.experiments import RECIPES, knn_monitor, make_config, paired_difference, summarize, verdict
+from bilevel_ssl.experiments import RECIPES, knn_monitor, make_config, summarize
 
 
 def test_make_config_applies_recipe_and_inner_lr():
@@ -24,28 +25,6 @@ def test_make_config_validates():
         make_config("simclrr")
     with pytest.raises(ConfigError, match="lr: must be a finite number > 0"):
         make_config("simclr", lr=0.0)
-
-
-def test_paired_difference_matches_student_t():
-    a, b = np.array([0.7, 0.72, 0.69, 0.75]), np.array([0.68, 0.7, 0.7, 0.71])
-    d = a - b
-    half = stats.t.ppf(0.975, 3) * d.std(ddof=1) / 2.0
-    out = paired_difference(a, b)
-    assert out["diff"] == pytest.approx(d.mean()) and out["ci95"] == pytest.approx(half) and out["n"] == 4
-
-
-@pytest.mark.parametrize("diff,ci,n,expected", [
-    (0.05, 0.01, 5, "holds"),
-    (-0.05, 0.01, 5, "does not hold (the method is worse)"),
-    (0.005, 0.01, 5, "inconclusive (CI includes 0)"),
-    (0.05, 0.0, 1, "inconclusive (fewer than 2 seeds)"),
-])
-def test_verdict(diff, ci, n, expected):
-    assert verdict(diff, ci, n) == expected
-
-
-def test_verdict_lower_is_better():
-    assert verdict(-0.05, 0.01, 3, higher_is_better=False) == "holds"
 
 
 def test_summarize_means_and_cis_per_group():
@@ -68,3 +47,51 @@ def test_knn_monitor_scores_a_backbone(mnistm):
     net = SSLNet(make_backbone("conv4", 3, width=8), torch.nn.ModuleDict({"projector": torch.nn.Identity()}))
     out = knn_monitor(splits, n_train=200, n_test=100)(1, net)
     assert set(out) == {"monitor_knn"} and 0.2 < out["monitor_knn"] <= 1.0
+
+
+def test_run_grid_trains_each_configuration_once_and_keeps_diverged_rows():
+    """Entries with equal configurations share one training run; a FloatingPointError becomes a diverged row with
+    NaN scores (not a dropped row); rows keep the order and the key parts of the grid."""
+    from types import SimpleNamespace
+
+    from bilevel_ssl.experiments import config_key, run_grid
+
+    ref = make_config("simclr", seed=0, epochs=1)
+    configs = {("tc2", "full", 0): ref, ("n_tasks", "4", 0): make_config("simclr", seed=0, epochs=1),
+               ("n_tasks", "2", 0): make_config("simclr", seed=0, epochs=2), ("bad", "x", 1): make_config("simclr", seed=1)}
+    assert config_key(configs[("tc2", "full", 0)]) == config_key(configs[("n_tasks", "4", 0)])
+    trained = []
+
+    def train(cfg):
+        trained.append(cfg.epochs if cfg.seed == 0 else -1)
+        if cfg.seed == 1:
+            raise FloatingPointError("non-finite gradient")
+        return SimpleNamespace(history=[{"epoch": e + 1, "loss": 1.0 / (e + 1)} for e in range(cfg.epochs)])
+
+    rows, hist = run_grid(configs, train, lambda run, cfg: {"acc": 0.5 + cfg.epochs / 10, "cached": False},
+                          columns=["acc", "absent"])
+    assert sorted(trained) == [-1, 1, 2]  # three distinct configurations, three runs
+    assert [(r["group"], r["label"], r["seed"]) for r in rows] == list(configs)
+    assert rows[0]["acc"] == rows[1]["acc"] == pytest.approx(0.6) and rows[2]["acc"] == pytest.approx(0.7)
+    assert np.isnan(rows[0]["absent"]) and "cached" not in rows[0]
+    assert [r["diverged"] for r in rows] == [0.0, 0.0, 0.0, 1.0] and np.isnan(rows[3]["acc"])
+    assert set(hist) == set(list(configs)[:3]) and len(hist[("n_tasks", "2", 0)]) == 2
+    with pytest.raises(ValueError, match="names"):
+        run_grid(configs, train, lambda run, cfg: {}, names=("group", "label"))
+
+
+def test_described_pairs_like_the_claims():
+    """Mean paired differences over the seeds both runs have usable (diverged and one-sided seeds dropped and
+    named); a pair with an absent run says so instead of raising."""
+    import pandas as pd
+
+    from bilevel_ssl.claims import from_wide
+    from bilevel_ssl.experiments import described
+
+    runs = pd.DataFrame({"run": ["a"] * 3 + ["b"] * 4, "seed": [0, 1, 2, 0, 1, 2, 3],
+                         "acc": [0.5, 0.7, 0.9, 0.4, 0.5, 0.1, 0.3], "knn": [0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1],
+                         "diverged": [0, 0, 0, 0, 0, 1, 0]})
+    out = described(from_wide(runs, "run", ["acc", "knn"]), {"x": ("a", "b"), "y": ("a", "c")}, ["acc", "knn"])
+    assert out["x"].startswith("described, not decided: a − b: acc +0.150, knn +0.100 (mean over 2 paired seeds")
+    assert "seed 2: B diverged" in out["x"] and "seeds on one side only: 3" in out["x"]
+    assert out["y"] == "not in the table: c"

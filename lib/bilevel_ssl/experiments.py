@@ -1,5 +1,6 @@
 """What the experiment notebooks share: data preparation, per-objective recipes, base/method configurations,
-a per-epoch k-NN monitor, seed aggregation, the claim verdicts of ``shared/paper-claims.md`` and the augmentation
+a per-epoch k-NN monitor, seed aggregation, a grid of runs trained once per distinct configuration
+(:func:`run_grid`), comparisons outside the claims described, not decided (:func:`described`), and the augmentation
 subsets of MCR's Table 4 (:func:`subset_config`, :func:`subset_args`, :func:`train_augment_subset`: expressed as
 ``TrainConfig.augment_args`` over the dataset preset; rotation: ``rotate90_p``).
 
@@ -11,9 +12,10 @@ notebooks (e.g. the SimCLR seed-0 run of the universality notebook is the t-SNE 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -99,27 +101,6 @@ def knn_monitor(splits: Splits, *, n_train: int = 1000, n_test: int = 500, devic
     return monitor
 
 
-def paired_difference(method, base) -> dict[str, float]:
-    """Mean and 95% CI half-width (Student t over seeds) of the per-seed difference ``method − base``."""
-    d = np.asarray(method, dtype=float) - np.asarray(base, dtype=float)
-    mean, ci = mean_ci95(d)
-    return {"diff": mean, "ci95": ci, "n": int(len(d))}
-
-
-def verdict(diff: float, ci95: float, n: int, *, higher_is_better: bool = True) -> str:
-    """``holds`` / ``does not hold`` / ``inconclusive`` for a claim "the method is better", from a paired
-    difference (method − base) over ``n`` seeds: the 95% CI must exclude 0 to decide; with fewer than 2 seeds
-    nothing is decided."""
-    if n < 2 or not math.isfinite(diff) or not math.isfinite(ci95):
-        return "inconclusive (fewer than 2 seeds)"
-    signed = diff if higher_is_better else -diff
-    if signed - ci95 > 0:
-        return "holds"
-    if signed + ci95 < 0:
-        return "does not hold (the method is worse)"
-    return "inconclusive (CI includes 0)"
-
-
 def summarize(rows: list[dict], by: list[str], metrics: list[str]) -> "pandas.DataFrame":  # noqa: F821
     """Mean and 95% CI over seeds of ``metrics`` per group ``by``; columns ``<metric>`` and ``<metric>_ci95``."""
     import pandas as pd
@@ -134,6 +115,74 @@ def summarize(rows: list[dict], by: list[str], metrics: list[str]) -> "pandas.Da
         rec["seeds"] = int(len(group))
         out.append(rec)
     return pd.DataFrame(out)
+
+
+def config_key(cfg: TrainConfig) -> str:
+    """A configuration's identity: its fields as sorted JSON (grid entries with equal keys are one training run)."""
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+def run_grid(configs: dict, train: Callable, score: Callable, *, names: Sequence[str] = ("group", "label", "seed"),
+             columns: Sequence[str] = ()) -> tuple[list[dict], dict]:
+    """Train every distinct configuration of ``configs = {key: TrainConfig}`` once and score it: entries with equal
+    configurations (:func:`config_key`; e.g. a sweep point equal to the reference run) share one run.
+
+    ``train(cfg)`` returns a finished run with a ``history`` (e.g. :func:`bilevel_ssl.cache.cached_train`),
+    ``score(run, cfg)`` a dict of numbers.  A run that raises ``FloatingPointError`` (non-finite gradients) is
+    recorded as diverged, not dropped.  Returns ``(rows, histories)``: one row per entry, in the order of
+    ``configs``, with the parts of its key named by ``names`` (a tuple key; a single ``names`` entry for any
+    other), the score's ``columns`` (NaN where the run diverged or the score has no such value) and ``diverged``
+    (0 or 1); ``histories = {key: history}`` for the entries whose run finished."""
+    done: dict[str, tuple] = {}
+    for cfg in configs.values():
+        k = config_key(cfg)
+        if k in done:
+            continue
+        try:
+            run = train(cfg)
+        except FloatingPointError as err:
+            print(f"{cfg.objective}/{cfg.meta} {json.dumps(cfg.meta_args, sort_keys=True)} seed {cfg.seed}: "
+                  f"DIVERGED - {err}")
+            done[k] = (True, None, {})
+            continue
+        done[k] = (False, run.history, score(run, cfg))
+    rows, histories = [], {}
+    for key, cfg in configs.items():
+        diverged, history, scores = done[config_key(cfg)]
+        parts = key if isinstance(key, tuple) else (key,)
+        if len(parts) != len(names):
+            raise ValueError(f"names: {len(names)} names {tuple(names)} for the key {key!r} of {len(parts)} parts")
+        rows.append({**dict(zip(names, parts)), **{c: float(scores.get(c, math.nan)) for c in columns},
+                     "diverged": float(diverged)})
+        if not diverged:
+            histories[key] = history
+    return rows, histories
+
+
+def described(long, pairs: dict, metrics: Sequence[str]) -> dict[str, str]:
+    """Comparisons that no claim of :mod:`bilevel_ssl.claims` declares (a check of the implementation, a paper
+    statement without a margin), described and not decided: ``{name: line}`` for ``pairs = {name: (A, B)}``, each
+    line the mean paired difference A − B of every metric, paired as the claims are (the seeds both runs have
+    usable: diverged and non-finite seeds dropped, and listed) on the long table of
+    :func:`bilevel_ssl.claims.from_wide`.  A pair with a run absent from the table says so."""
+    from . import claims
+
+    present = set(long["run"])
+    out = {}
+    for name, (a, b) in pairs.items():
+        missing = [r for r in (a, b) if r not in present]
+        if missing:
+            out[name] = "not in the table: " + ", ".join(missing)
+            continue
+        claim = claims.Claim(name, name, "", "", tuple(claims.Comparison(a, b, m) for m in metrics))
+        res = claims.decide(claim, long).results
+        ns = sorted({r.n for r in res})
+        seeds = f"{ns[0]} paired seed{'s' * (ns[0] != 1)}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]} paired seeds"
+        diffs = ", ".join(f"{r.comparison.metric} {r.mean:+.3f}" if math.isfinite(r.mean)
+                          else f"{r.comparison.metric} -" for r in res)
+        notes = "; ".join(dict.fromkeys(r.note for r in res if r.note))
+        out[name] = f"described, not decided: {a} − {b}: {diffs} (mean over {seeds}{'; ' + notes if notes else ''})"
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib.pyplot as plt  # no backend forced: inline in Jupyter, Agg when headless
 import numpy as np
@@ -272,18 +273,69 @@ def heatmaps(frames: dict, *, xlabel: str = "", ylabel: str = "", fmt: str = ".3
     return fig
 
 
-def history_panels(histories: dict, keys: dict, *, hline: dict | None = None, title_suffix: str = ""):
-    """One panel per ``keys = {history key: title}``, a line per ``histories = {label: history}`` against epoch;
-    ``hline = {history key: y}`` draws a dashed reference (notebook 40: L_mcr, L_comp and the series bound)."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.3), dpi=100, squeeze=False)
+def history_panels(histories: dict, keys: dict, *, hline: dict | None = None, title_suffix: str = "",
+                   x: str = "epoch", logy: Sequence[str] = (), width: float = 4.4):
+    """One panel per ``keys = {history key: title}``, a line per ``histories = {label: history}`` against the
+    records' ``x`` (a history without that key is left out of its panel); ``hline = {history key: y}`` draws a
+    dashed reference (notebook 40: L_mcr, L_comp and the series bound), ``logy`` the keys on a log axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(width * len(keys), 3.3), dpi=100, squeeze=False)
+    xs = sorted({r[x] for h in histories.values() if h for r in h})
     for ax, (key, what) in zip(axes[0], keys.items()):
         for label, h in histories.items():
-            if h:
-                ax.plot([r["epoch"] for r in h], [r[key] for r in h], marker=".", label=label)
+            if h and key in h[0]:
+                ax.plot([r[x] for r in h], [r[key] for r in h], marker=".", label=label)
         if hline and key in hline:
             ax.axhline(hline[key], color="k", lw=0.8, ls="--")
-        ax.set(xlabel="epoch", title=f"{what}{title_suffix}")
+        if key in logy:
+            ax.set_yscale("log")
+        ax.set(xlabel=x, title=f"{what}{title_suffix}")
+        if len(xs) <= 12:  # a tick at every record (MaxNLocator falls back to fractions for one or two values)
+            ax.set_xticks(xs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def errorbar_panels(panels: dict, series: dict, *, ylabel: str = "accuracy", hlines: dict | None = None,
+                    logx: dict | None = None, title: str = ""):
+    """One panel per ``panels = {x-axis label: frame}``, each frame indexed by numeric x values (e.g. a sweep's
+    values) with a mean column and its ``<column>_ci95``: an errorbar line per ``series = {label: column}``
+    (whiskers: the 95% CI; 0 where it is NaN), ``hlines = {label: y}`` a dashed line in that series' colour (a
+    reference run), ``logx = {x-axis label: base}`` a log x axis.  The x ticks are the frame's values."""
+    from matplotlib.ticker import NullFormatter
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), dpi=100, squeeze=False)
+    for ax, (xlabel, frame) in zip(axes[0], panels.items()):
+        xs = [float(v) for v in frame.index]
+        for i, (label, col) in enumerate(series.items()):
+            ci = frame[f"{col}_ci95"] if f"{col}_ci95" in frame else np.zeros(len(frame))
+            ax.errorbar(xs, frame[col], yerr=np.nan_to_num(np.asarray(ci, dtype=float)), marker="o", capsize=3,
+                        color=f"C{i}", label=label)
+            if hlines and label in hlines:
+                ax.axhline(hlines[label], color=f"C{i}", ls="--", lw=0.8)
+        if logx and xlabel in logx:
+            ax.set_xscale("log", base=logx[xlabel])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(xs, [f"{v:g}" for v in xs])
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def tsne_panels(panels: dict, *, suptitle: str = "", seed: int = 0):
+    """t-SNE scatters side by side, ``panels = {title: (features, labels)}``, one class legend right of the last."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.5), dpi=100, squeeze=False)
+    for ax, (title, (features, labels)) in zip(axes[0], panels.items()):
+        tsne_plot(features, labels, ax=ax, seed=seed, title=title)
+        ax.get_legend().remove()
+    axes[0, -1].legend(*axes[0, 0].get_legend_handles_labels(), title="class", fontsize=7, title_fontsize=7,
+                       markerscale=1.5, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.suptitle(suptitle, y=1.02)
     fig.tight_layout()
     return fig
 

@@ -73,7 +73,8 @@ check), :mod:`.data` (pretext set and downstream tasks).  Shared helpers live in
 from ..data import BatchStack
 from ..evaluate import feature_normalizer, reestimate_bn
 from .config import CG_ON_RESIDUAL, OBJECTIVES_OK, BiSSLConfig, FinetuneConfig
-from .data import DOWNSTREAM_TASKS, Downstream, PretextData, prepare_downstream, prepare_pretext
+from .data import (DOWNSTREAM_TASKS, Downstream, PretextData, balanced_indices, balanced_subset, prepare_downstream,
+                   prepare_pretext)
 from .implicit import (
     CGResidualError,
     CGResidualWarning,
@@ -86,10 +87,15 @@ from .implicit import (
 )
 from .pipeline import (
     cg_diagnostics,
+    cg_summary,
+    compare_arms,
     continue_pretext,
     equivalent_epochs,
+    feature_scores,
     finetune_backbone,
     load_pretext,
+    only_ft_model,
+    pipeline_row,
     pretrain,
     run_bissl,
     run_pipeline,
@@ -131,4 +137,11 @@ __all__ = [
     "prepare_downstream",
     "PretextData",
     "OBJECTIVES_OK",
+    "balanced_indices",
+    "balanced_subset",
+    "only_ft_model",
+    "pipeline_row",
+    "feature_scores",
+    "cg_summary",
+    "compare_arms",
 ]

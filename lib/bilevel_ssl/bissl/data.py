@@ -1,5 +1,6 @@
 """BiSSL's data: the pretext set (labels unused, with a labelled held-out part) and the downstream tasks in the
-pretext image format (:func:`prepare_pretext`, :func:`prepare_downstream`).
+pretext image format (:func:`prepare_pretext`, :func:`prepare_downstream`), and class-balanced caps of a task's
+images (:func:`balanced_indices`, :func:`balanced_subset`).
 
 Why here and not in :mod:`bilevel_ssl.experiments`: these are the pretext / downstream pairs of Fig. 1 (a
 downstream task resized and re-channelled to the pretext images, the pretext dataset's held-out labelled part as a
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -108,3 +110,21 @@ def prepare_downstream(task: str, pretext: PretextData, *, test_fraction: float 
     train = load_dataset(task, root=root, split="train", image_size=size)
     test = load_dataset(task, root=root, split="test", image_size=size)
     return Downstream(task, _format(train, c, size), _format(test, c, size))
+
+
+def balanced_indices(labels, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of at most ``n`` items with the same number per class: the first ``n // classes`` (at least
+    1) of each class in a seeded permutation.  All indices when ``n`` is 0 or not below the number of items."""
+    y = np.asarray(labels)
+    if not n or len(y) <= n:
+        return np.arange(len(y))
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).numpy()
+    classes = np.unique(y)
+    per_class = max(1, n // len(classes))
+    return np.sort(np.concatenate([perm[y[perm] == c][:per_class] for c in classes]))
+
+
+def balanced_subset(ds: ImageSet, n: int, seed: int = 0) -> ImageSet:
+    """``ds`` capped at ``n`` images, the same number per class (:func:`balanced_indices`; 0 keeps all): e.g. 30
+    labelled images per class, as Caltech-101 in BiSSL's Table 1."""
+    return ds if not n or len(ds) <= n else ds.subset(balanced_indices(ds.labels.numpy(), n, seed))

@@ -1,15 +1,20 @@
 """The stages of Fig. 1 end to end: pretext pre-training (:func:`pretrain`, :func:`load_pretext`), head warm-up and
 BiSSL (:func:`run_bissl`), the "only FT" baseline's extra pretext compute (:func:`continue_pretext`,
-:func:`equivalent_epochs`), fine-tuning (:func:`finetune_backbone`), all of it for one task (:func:`run_pipeline`),
-and the check of the CG solve (:func:`cg_diagnostics`).
+:func:`equivalent_epochs`, :func:`only_ft_model`), fine-tuning (:func:`finetune_backbone`), all of it for one task
+(:func:`run_pipeline`; its numbers :func:`pipeline_row`; several tasks :func:`compare_arms`), the check of the CG
+solve (:func:`cg_diagnostics`, :func:`cg_summary`) and the feature scores of Fig. 3 (:func:`feature_scores`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
+import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,6 +26,7 @@ from ..meta import SingleLevel
 from ..options import fail
 from ..trainer import CHECKPOINT
 from .config import BiSSLConfig, FinetuneConfig
+from .data import Downstream
 from .implicit import hessian_extremes, implicit_gradient, norm
 from .stage import BiSSLResult, BiSSLStage, PretextModel
 from .warmup import DownstreamHead, warmup_head
@@ -101,7 +107,23 @@ def cg_diagnostics(pretext: PretextModel, downstream: ImageSet, pretext_images: 
                 rows.append({"damping": float(damping), "layerwise": layerwise, "iters": int(n), "residual": res,
                              "cos": cos, "ig_norm_ratio": xn / vn if vn else float("nan")})
     return {"lowest": lo, "highest": hi, "pd_threshold": -(cfg.lam + cfg.cg_damping), "hvp_loss": H.loss,
-            "v_norm": vn, "rows": rows}
+            "v_norm": vn, "power_iters": power_iters, "rows": rows}
+
+
+def cg_summary(diag: dict, cfg: BiSSLConfig) -> str:
+    """One line on a :func:`cg_diagnostics` result for the stage's own settings ``cfg``: the ends of the Hessian's
+    spectrum found, whether the CG operator I + H/(λ + λ_damp) is thereby shown indefinite (CG's premise broken),
+    and the residual after each number of iterations with ``cfg``'s damping and layer-wise choice."""
+    lo, hi, threshold = diag["lowest"], diag["highest"], diag["pd_threshold"]
+    pd_text = ("indefinite" if lo < threshold else f"not shown indefinite (no curvature below {threshold:.3g} found "
+               f"in {diag.get('power_iters', '?')} power iterations per end)")
+    own = [r for r in diag["rows"] if r["layerwise"] == cfg.cg_layerwise and r["damping"] == cfg.cg_damping]
+    cg = "layer-wise" if cfg.cg_layerwise else "global"
+    return (f"pretext Hessian spectrum reaches at least [{lo:.3g}, {hi:.3g}] at the start of BiSSL (Rayleigh "
+            f"quotients: the true ends lie outside); I + H/(λ + λ_damp) with λ + λ_damp = {cfg.lam + cfg.cg_damping:g} "
+            f"is {pd_text}; {cg} CG with that damping: " + (", ".join(
+                f"residual {r['residual']:.2g} after {r['iters']} iteration{'s' * (r['iters'] != 1)}" for r in own)
+                or "not checked"))
 
 
 def continue_pretext(pretext: PretextModel, pretext_images: ImageSet | Tensor, cfg: BiSSLConfig) -> BiSSLResult:
@@ -116,6 +138,20 @@ def equivalent_epochs(cfg: BiSSLConfig, pretext_cfg: TrainConfig, n_pretext: int
     """Pretext epochs that the lower level's T·N_L steps amount to (T·N_L·batch / images): the extra epochs a
     "longer pretext run" baseline gets (§4.3.2, Fig. 2: "baselines pre-trained for 100 additional epochs")."""
     return cfg.alternations * cfg.lower_steps * cfg.lower_settings(pretext_cfg)["batch_size"] / n_pretext
+
+
+def only_ft_model(kind: str, pretext: PretextModel, pretext_images: ImageSet | Tensor,
+                  cfg: BiSSLConfig) -> BiSSLResult | PretextModel:
+    """The "only FT" arm's model (``.backbone``), given the same extra pretext compute as BiSSL's lower level:
+    ``continue`` - :func:`continue_pretext` (the T·N_L lower steps without coupling); ``retrain`` - the pretext run
+    of ``pretext.cfg`` longer by :func:`equivalent_epochs` (rounded, at least 1), through the encoder cache
+    (:func:`pretrain`; the paper's Fig. 2 protocol).  Neither depends on the downstream task."""
+    if kind == "continue":
+        return continue_pretext(pretext, pretext_images, cfg)
+    if kind == "retrain":
+        extra = max(1, round(equivalent_epochs(cfg, pretext.cfg, len(pretext_images))))
+        return pretrain(dataclasses.replace(pretext.cfg, epochs=pretext.cfg.epochs + extra), pretext_images)
+    raise ValueError(f"baseline: unknown {kind!r}; allowed: continue, retrain")
 
 
 def finetune_backbone(backbone: nn.Module, train: ImageSet, test: ImageSet, ft: FinetuneConfig, *, seed: int = 0,
@@ -135,12 +171,14 @@ def finetune_backbone(backbone: nn.Module, train: ImageSet, test: ImageSet, ft: 
 
 def run_pipeline(pretext_cfg: TrainConfig, cfg: BiSSLConfig, ft: FinetuneConfig, pretext_images: ImageSet,
                  train: ImageSet, test: ImageSet, *, baseline: bool = True, pretext: PretextModel | None = None,
+                 baseline_model: BiSSLResult | PretextModel | None = None,
                  cache_root: str | Path | None = None) -> dict:
     """The whole of Fig. 1 for one downstream task: pretext pre-training (cached; or ``pretext`` as given), head
-    warm-up, BiSSL, fine-tuning from θ_P; with ``baseline`` also the "only FT" arm (:func:`continue_pretext`, then
-    the same fine-tuning).  Everything is validated before the first computation.  Returns ``{"bissl": scores,
-    "only_ft": scores or None, "result": BiSSLResult, "baseline_result": BiSSLResult or None}``; the
-    fine-tuning seed is ``cfg.seed``."""
+    warm-up, BiSSL, fine-tuning from θ_P; with ``baseline`` also the "only FT" arm (``baseline_model`` when given,
+    e.g. one :func:`only_ft_model` shared by several tasks, else :func:`continue_pretext`; then the same
+    fine-tuning).  Everything is validated before the first computation.  Returns ``{"bissl": scores,
+    "only_ft": scores or None, "result": BiSSLResult, "baseline_result": the baseline's model or None,
+    "bissl_s": seconds of the warm-up and BiSSL stage}``; the fine-tuning seed is ``cfg.seed``."""
     if not isinstance(pretext_cfg, TrainConfig):
         raise TypeError(f"pretext_cfg: expected TrainConfig, got {type(pretext_cfg).__name__}")
     cfg.check_against(pretext_cfg, len(pretext_images), len(train))
@@ -150,11 +188,67 @@ def run_pipeline(pretext_cfg: TrainConfig, cfg: BiSSLConfig, ft: FinetuneConfig,
     if pretext is None:
         pretext = pretrain(pretext_cfg, pretext_images, root=cache_root)
     device = cfg.resolved_device()
+    t0 = time.perf_counter()
     result = run_bissl(pretext, train, pretext_images, cfg)
+    bissl_s = time.perf_counter() - t0
     out = {"bissl": finetune_backbone(result.backbone, train, test, ft, seed=cfg.seed, device=device),
-           "result": result, "only_ft": None, "baseline_result": None}
+           "result": result, "only_ft": None, "baseline_result": None, "bissl_s": bissl_s}
     if baseline:
-        base = continue_pretext(pretext, pretext_images, cfg)
+        base = baseline_model if baseline_model is not None else continue_pretext(pretext, pretext_images, cfg)
         out["baseline_result"] = base
         out["only_ft"] = finetune_backbone(base.backbone, train, test, ft, seed=cfg.seed, device=device)
     return out
+
+
+def pipeline_row(out: dict) -> dict:
+    """The numbers of one :func:`run_pipeline` for a results table: each arm's ``<arm>_top1`` / ``<arm>_top5``
+    (``bissl``, ``only_ft``; NaN without the baseline), ``bissl_s``, the last alternation's ‖θ_P − θ_D‖
+    (``final_distance``) and CG residual (``final_cg_residual``), the mean over alternations of the CG residual and
+    of cos(v, v_IG) (``mean_cg_residual``, ``mean_ig_cos``) and the head warm-up's last accuracy (``warmup_acc``)."""
+    res = out["result"]
+    h = res.history
+    row = {"bissl_s": out["bissl_s"], "final_distance": h[-1]["distance"], "final_cg_residual": h[-1]["cg_residual"],
+           "mean_cg_residual": float(np.mean([r["cg_residual"] for r in h])),
+           "mean_ig_cos": float(np.mean([r["ig_cos"] for r in h])),
+           "warmup_acc": res.warmup_history[-1]["acc"] if res.warmup_history else math.nan}
+    for arm in ("bissl", "only_ft"):
+        scores = out[arm] or {}
+        row[f"{arm}_top1"], row[f"{arm}_top5"] = scores.get("top1", math.nan), scores.get("top5", math.nan)
+    return row
+
+
+def compare_arms(pretext_cfg: TrainConfig, pretext: PretextModel, cfg: BiSSLConfig, ft: FinetuneConfig,
+                 pretext_images: ImageSet, tasks: dict, baseline_model: BiSSLResult | PretextModel) -> tuple[list, dict]:
+    """Table 1 for one pretext model: :func:`run_pipeline` on every task of ``tasks = {name: Downstream}``, the
+    "only FT" arm's ``baseline_model`` (:func:`only_ft_model`) shared by all of them.  Returns ``(rows,
+    {name: BiSSLResult})``, a row per task: ``task``, ``epochs`` (of the pretext run), ``seed`` (``cfg.seed``) and
+    :func:`pipeline_row`; prints one line per task."""
+    rows, results = [], {}
+    for name, task in tasks.items():
+        out = run_pipeline(pretext_cfg, cfg, ft, pretext_images, task.train, task.test, pretext=pretext,
+                           baseline_model=baseline_model)
+        row = {"task": name, "epochs": pretext_cfg.epochs, "seed": cfg.seed, **pipeline_row(out)}
+        rows.append(row)
+        results[name] = out["result"]
+        print(f"{name:>8} {row['epochs']:>3} ep seed {cfg.seed}: BiSSL+FT top-1 {row['bissl_top1']:.3f}  only FT "
+              f"{row['only_ft_top1']:.3f}  (BiSSL {row['bissl_s']:.0f} s, CG residual {row['mean_cg_residual']:.2g}, "
+              f"cos(v, v_IG) {row['mean_ig_cos']:.2f}, |θ_P − θ_D| {row['final_distance']:.3g})")
+    return rows, results
+
+
+def feature_scores(backbone: nn.Module, task: Downstream, *, bn_batches: int = 100, seed: int = 0,
+                   device: str | torch.device = "cpu") -> tuple[np.ndarray, dict]:
+    """Fig. 3 / App. C.2: how well a backbone's features separate the task's classes before fine-tuning.  Its
+    BatchNorm statistics are first re-estimated on the task's training images (``bn_batches`` batches,
+    :func:`~bilevel_ssl.evaluate.reestimate_bn`: none of the pretext backbones has seen downstream data), then
+    the test features are scored: ``silhouette`` (cosine, true labels; higher = sharper classes) and ``knn``
+    (5-NN accuracy, train -> test).  Returns ``(test features, scores)``; ``backbone`` is not modified."""
+    from sklearn.metrics import silhouette_score
+
+    from ..evaluate import extract_features, knn_accuracy, reestimate_bn
+
+    bb = reestimate_bn(backbone, task.train, n_batches=bn_batches, seed=seed, device=device)
+    f_tr, f_te = extract_features(bb, task.train, device=device), extract_features(bb, task.test, device=device)
+    y_te = task.test.labels.numpy()
+    return f_te, {"silhouette": float(silhouette_score(f_te, y_te, metric="cosine")),
+                  "knn": knn_accuracy(f_tr, task.train.labels, f_te, y_te, k=5)}
