@@ -536,7 +536,7 @@ class ClaimVerdict:
                  if self.label == NO_VERDICT else f"is **{self.label}** at this scale: of")
         text = (f"{self.claim.id} ({self.claim.text}; {self.claim.source}) {state} "
                 f"{n} primary comparison{'s' * (n != 1)}, {k['supported']} supported, {k['contradicted']} "
-                f"contradicted and {k['not resolved']} not resolved (paired over {seeds_txt} seeds, Student t, "
+                f"contradicted and {k['not resolved']} not resolved (paired over {seeds_txt} seed{'s' * (seeds_txt != '1')}, Student t, "
                 f"Holm-Bonferroni at α = {self.alpha:g}).")
         text += f" Read as: {self.claim.how}." if self.claim.how else ""
         decided = [r for r in self.results if r.label != "not resolved"]
