@@ -44,7 +44,7 @@ from .trainer import CHECKPOINT, ENCODER, TrainResult, build_net, train
 # training produces - unless a meta-method declares one in its ``code_modules``
 NEUTRAL_MODULES = frozenset({"__init__", "bench", "cache", "data", "evaluate", "paths", "plots", "report",
                              "reproduce", "semisup", "universality", "index", "experiments", "conflict", "bissl",
-                             "claims", "runtime", "protocol", "options"})
+                             "claims", "rule", "runtime", "protocol", "options"})
 
 
 def cache_root() -> Path:
