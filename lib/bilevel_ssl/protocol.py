@@ -83,7 +83,11 @@ class LearningCheck:
 
     def structure(self) -> str:
         """What is the same on every CPU (for nbval-checked cells): the bases and their seed counts."""
-        return "learning check: " + ", ".join(f"{b} ({self.seeds.get(b, '-')} seeds)" for b in self.trained)
+        def seeds(b):
+            n = self.seeds.get(b)
+            return f"{n} seed{'s' * (n != 1)}" if n is not None else "seeds unknown"
+
+        return "learning check: " + ", ".join(f"{b} ({seeds(b)})" for b in self.trained)
 
     def as_dict(self) -> dict:
         return {"metric": self.metric, "margin": self.margin, "ok": self.ok,
