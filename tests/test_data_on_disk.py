@@ -232,7 +232,7 @@ def test_missing_cifar10_offline_says_where_to_put_the_files(tmp_path, offline, 
 
 def test_image_folder_with_split_folders_but_not_the_asked_one_is_refused(tmp_path, offline):
     """root/train/<class>/... without root/test: split 'test' used to fall back to root itself, so 'train' became a
-    class label (a silent wrong dataset); now the message names the missing folder and the splits there are."""
+    class label (a silent wrong dataset); now the message names the missing folder and the splits that are there."""
     write_image_folder(tmp_path / "train")
     assert load_dataset("imagefolder", root=tmp_path, split="train", image_size=8).classes == sorted(COLOURS)
     with pytest.raises(DatasetUnavailable) as e:
@@ -272,7 +272,7 @@ def test_quickstart_paper_profile_runs_offline_on_a_cifar10_folder(tmp_path, mon
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     monkeypatch.setenv("BILEVEL_SSL_ROOT", str(root))  # outputs -> root/outputs/00_quickstart/paper/
     monkeypatch.setenv("BILEVEL_SSL_DATA", str(tmp_path / "nowhere"))  # data_root must be what is used
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(LIB), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(LIB), os.environ.get("PYTHONPATH")) if p))
     monkeypatch.setenv("BILEVEL_SSL_TEST_NETWORK_LOG", str(network_log))
     monkeypatch.setenv("BILEVEL_SSL_TEST_OFFLINE_MARKER", str(tmp_path / "kernel-offline"))
 
