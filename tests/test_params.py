@@ -37,3 +37,64 @@ def test_smoke_profile_equals_notebook_defaults(name):
     smoke = load_params(params_path(name, "smoke"))
     differing = {k: (defaults[k], v) for k, v in smoke.items() if defaults[k] != v}
     assert not differing, f"smoke params differ from the notebook defaults that nbval runs: {differing}"
+
+
+# ---------------------------------------------------------------------------------------------- paper profiles
+GESSL = ["10_gessl_universality", "11_gessl_sensitivity", "12_gessl_tsne", "13_gessl_bilevel_ablation",
+         "14_gessl_efficiency_stability"]
+# keys that enter the TrainConfig (the training-cache key) or the training data of the runs 10-14 share
+GESSL_SHARED = ("dataset", "data_root", "novel_classes", "test_fraction", "max_train", "seeds", "epochs",
+                "batch_size", "lr", "hypergrad", "gessl_args", "backbone", "backbone_args", "monitor", "device")
+
+
+def _paper(name):
+    return load_params(params_path(name, "paper"))
+
+
+def test_gessl_paper_profiles_share_their_runs():
+    """Notebooks 10-14 build the same base / GeSSL runs from these keys: equal values, one cache entry per run
+    (``{}`` and ``{small_stem: true}`` build the same ResNet-18 but are different cache keys)."""
+    profiles = {n: _paper(n) for n in GESSL}
+    for key in GESSL_SHARED:
+        values = {n: p[key] for n, p in profiles.items() if key in p}
+        assert len(values) >= 4, f"{key}: in too few GeSSL profiles: {sorted(values)}"
+        assert len({repr(v) for v in values.values()}) == 1, f"{key} differs between the GeSSL paper profiles: {values}"
+    hypergrad = profiles["10_gessl_universality"]["hypergrad"]
+    assert hypergrad == "aid_fd"  # the paper's engine (GeSSL App. G.4)
+    assert hypergrad in profiles["14_gessl_efficiency_stability"]["engines"]  # 14 has no hypergrad key
+    assert hypergrad in profiles["13_gessl_bilevel_ablation"]["engines"]
+    bases = profiles["10_gessl_universality"]["bases"]
+    assert profiles["12_gessl_tsne"]["bases"] == bases
+    assert all(profiles[n]["base"] in bases for n in GESSL if "base" in profiles[n])
+
+
+def test_gessl_paper_profiles_build_the_same_configuration():
+    """The centre GeSSL run of every notebook 10-14, built the way the notebooks build it, is one TrainConfig."""
+    from bilevel_ssl.experiments import make_config
+
+    def centre(name):
+        p = _paper(name)
+        hypergrad = p.get("hypergrad", "aid_fd" if "aid_fd" in p.get("engines", {}) else None)
+        return make_config("simclr", meta="gessl", dataset=p["dataset"], seed=p["seeds"][0], epochs=p["epochs"],
+                           batch_size=p["batch_size"], lr=p["lr"], backbone=p["backbone"],
+                           backbone_args=p["backbone_args"], meta_args=p["gessl_args"], hypergrad=hypergrad,
+                           device=p["device"])
+
+    configs = {n: centre(n) for n in GESSL}
+    assert len({repr(c) for c in configs.values()}) == 1, configs
+
+
+def test_every_paper_profile_lists_its_deviations():
+    """Each ``params/paper/*.yaml`` opens with a comment block that lists how it deviates from its paper."""
+    import re
+
+    for name in NOTEBOOKS:
+        lines = params_path(name, "paper").read_text().splitlines()
+        header = []
+        for line in lines:
+            if not line.startswith("#"):
+                break
+            header.append(line)
+        assert header, f"params/paper/{name}.yaml: no comment block at the top"
+        assert re.search(r"\bDeviations?\b", "\n".join(header)), \
+            f"params/paper/{name}.yaml: the top comment block does not list the deviations ('Deviation(s)')"

@@ -229,6 +229,10 @@ def _online(name: str, root: Path, split: str, download: bool, image_size: int |
             folder = root / split if (root / split).is_dir() else root
             if not folder.is_dir():
                 raise FileNotFoundError(f"no folder {folder}")
+            splits = sorted(s for s in _SPLITS["imagefolder"] if (root / s).is_dir())
+            if folder == root and splits:  # the split layout without this split: its splits would become classes
+                raise FileNotFoundError(f"no folder {root / split} (split {split!r}); {root} has the splits "
+                                        f"{', '.join(splits)}")
             ds = tvd.ImageFolder(str(folder))
             return _from_torchvision(ds, name, image_size or 64)
     except (RuntimeError, OSError, urllib.error.URLError, FileNotFoundError) as err:
@@ -247,8 +251,9 @@ def load_dataset(name: str, *, root: str | Path | None = None, split: str = "tra
     Offline sets ignore ``root``/``split``/``download`` (they have one pool of images: split it with
     :func:`stratified_split` / :func:`class_disjoint_split`); ``seed`` is the data seed of ``mnistm5k``.
     Online sets take ``split`` (cifar/omniglot: train|test, stl10: train|test|unlabeled|train+unlabeled,
-    imagefolder: a sub-folder name if present) and ``image_size`` (resize; Omniglot defaults to 28, ImageFolder to
-    64).
+    imagefolder: the sub-folder ``split`` if present, else ``root`` itself - unless ``root`` has other train / val /
+    test sub-folders, which would become classes: then DatasetUnavailable) and ``image_size`` (resize; Omniglot
+    defaults to 28, ImageFolder to 64).
     """
     if name not in DATASETS:
         raise ValueError(f"dataset: unknown name {name!r}; allowed: {', '.join(DATASETS)}")
