@@ -13,7 +13,6 @@ from bilevel_ssl.config import TrainConfig
 from bilevel_ssl.conflict import (
     check_n_tasks,
     conflict_monitor,
-    conflict_stats,
     conflict_summary,
     cosine_matrix,
     encoder_task_gradients,
@@ -272,16 +271,3 @@ def test_monitor_on_a_one_view_masked_objective_keeps_the_rng():
     out = conflict_monitor(2)(1, net, meta, views)
     assert torch.equal(torch.get_rng_state(), rng)  # MAE's masks came from a fork of the global RNG
     assert -1.0 <= out["monitor_mean_cos"] <= 1.0 and out["monitor_task_loss"] > 0
-
-
-def test_conflict_stats_summarise_the_measured_steps_of_a_history():
-    history = [{"epoch": 1, "steps": [{"step": 1, "monitor_mean_cos": 0.5, "monitor_conflict_rate": 0.0},
-                                      {"step": 2, "loss": 1.0},  # a step the monitor skipped (every > 1)
-                                      {"step": 3, "monitor_mean_cos": -0.25, "monitor_conflict_rate": 1.0}]},
-               {"epoch": 2, "steps": [{"step": 5, "monitor_mean_cos": 0.0, "monitor_conflict_rate": 0.0}]}]
-    out = conflict_stats(history)
-    assert out == {"mean_cos": pytest.approx(0.25 / 3), "conflict_steps": pytest.approx(1 / 3), "min_cos": -0.25}
-    assert conflict_stats([{"steps": [{"step": 1, "x_mean_cos": 1.0, "x_conflict_rate": 0.0}]}], prefix="x_")[
-        "mean_cos"] == 1.0
-    with pytest.raises(ValueError, match="no monitor_mean_cos / monitor_conflict_rate records"):
-        conflict_stats([{"epoch": 1, "loss": 2.0}])

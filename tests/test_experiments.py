@@ -10,9 +10,9 @@ from scipy import stats
 
 from bilevel_ssl.config import ConfigError
 from bilevel_ssl.experiments import (RECIPES, Data, augment_subset_config, check_values, compare_meta_gradients,
-                                     config_key, grad_norm_stats, gradient_agreement, history_stats, knn_monitor,
-                                     make_config, meta_step_gradients, paired_difference, probe_loss_monitor,
-                                     run_rows, summarize, train_and_evaluate, verdict)
+                                     config_key, conflict_stats, grad_norm_stats, gradient_agreement, history_stats,
+                                     knn_monitor, make_config, meta_step_gradients, paired_difference,
+                                     probe_loss_monitor, run_rows, summarize, train_and_evaluate, verdict)
 
 
 def test_make_config_applies_recipe_and_inner_lr():
@@ -121,6 +121,19 @@ def test_grad_norm_stats_mean_variance_cv():
     assert grad_norm_stats([{"grad_norm": 0.1, "grad_norm_sq": 0.1 ** 2 - 1e-18}])["grad_norm_var"] == 0.0
     with pytest.raises(ValueError, match="no grad_norm / grad_norm_sq records"):
         grad_norm_stats([{"loss": 1.0}])
+
+
+def test_conflict_stats_summarise_the_measured_steps_of_a_history():
+    history = [{"epoch": 1, "steps": [{"step": 1, "monitor_mean_cos": 0.5, "monitor_conflict_rate": 0.0},
+                                      {"step": 2, "loss": 1.0},  # a step the monitor skipped (every > 1)
+                                      {"step": 3, "monitor_mean_cos": -0.25, "monitor_conflict_rate": 1.0}]},
+               {"epoch": 2, "steps": [{"step": 5, "monitor_mean_cos": 0.0, "monitor_conflict_rate": 0.0}]}]
+    out = conflict_stats(history)
+    assert out == {"mean_cos": pytest.approx(0.25 / 3), "conflict_steps": pytest.approx(1 / 3), "min_cos": -0.25}
+    assert conflict_stats([{"steps": [{"step": 1, "x_mean_cos": 1.0, "x_conflict_rate": 0.0}]}], prefix="x_")[
+        "mean_cos"] == 1.0
+    with pytest.raises(ValueError, match="no monitor_mean_cos / monitor_conflict_rate records"):
+        conflict_stats([{"epoch": 1, "loss": 2.0}])
 
 
 class _Run:

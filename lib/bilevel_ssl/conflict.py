@@ -37,7 +37,6 @@ import functools
 import math
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,7 +60,6 @@ __all__ = [
     "conflict_monitor",
     "step_curve",
     "epoch_means",
-    "conflict_stats",
 ]
 
 WHICH = ("backbone", "all")  # whose gradients: the shared encoder (backbone) or every network parameter
@@ -305,17 +303,3 @@ def epoch_means(history: list[dict], key: str) -> list[float]:
         vals = [float(s[key]) for s in record.get("steps", []) if key in s]
         out.append(sum(vals) / len(vals) if vals else math.nan)
     return out
-
-
-def conflict_stats(history: list[dict], prefix: str = "monitor_") -> dict[str, float]:
-    """Three numbers of a run's per-step conflict curve (:func:`conflict_monitor`'s records, key ``prefix``...):
-    ``mean_cos`` - the task-gradient cosine averaged over the measured steps; ``conflict_steps`` - the mean of the
-    per-step ``conflict_rate`` (for two tasks: the fraction of steps whose task gradients conflict); ``min_cos`` -
-    the most negative cosine.  A history without the monitor's numbers is an error (the run was trained, or cached,
-    without it)."""
-    _, cos = step_curve(history, prefix + "mean_cos")
-    _, rate = step_curve(history, prefix + "conflict_rate")
-    if not cos or not rate:
-        raise ValueError(f"history: no {prefix}mean_cos / {prefix}conflict_rate records; train with "
-                         f"step_monitors=(conflict_monitor(...),) and a cache tag naming it")
-    return {"mean_cos": float(np.mean(cos)), "conflict_steps": float(np.mean(rate)), "min_cos": float(np.min(cos))}

@@ -1,6 +1,7 @@
 """What the experiment notebooks share: data preparation, per-objective recipes, base/method configurations,
 per-epoch monitors (k-NN, probe loss), training and scoring a table of runs (:func:`train_and_evaluate`, with the
-per-run numbers of :func:`history_stats` and :func:`grad_norm_stats`, rows by :func:`run_rows`), seed aggregation,
+per-run numbers of :func:`history_stats`, :func:`grad_norm_stats` and :func:`conflict_stats`, rows by
+:func:`run_rows`), seed aggregation,
 the claim verdicts of ``shared/paper-claims.md``, the augmentation subsets of MCR's Table 4 (:func:`subset_config`,
 :func:`subset_args`, :func:`augment_subset_config`: expressed as ``TrainConfig.augment_args`` over the dataset preset;
 rotation: ``rotate90_p``) and the check of a meta-method's gradients against a reference engine
@@ -185,6 +186,25 @@ def grad_norm_stats(history: list[dict]) -> dict[str, float]:
     return {"grad_norm_mean": mean, "grad_norm_var": var, "grad_norm_cv": var ** 0.5 / mean}
 
 
+def conflict_stats(history: list[dict], prefix: str = "monitor_") -> dict[str, float]:
+    """Three numbers of a run's per-step gradient-conflict curve (the records of
+    :func:`bilevel_ssl.conflict.conflict_monitor`, keys ``prefix``...): ``mean_cos`` - the task-gradient cosine
+    averaged over the measured steps; ``conflict_steps`` - the mean of the per-step ``conflict_rate`` (for two tasks:
+    the fraction of steps whose task gradients conflict); ``min_cos`` - the most negative cosine.  A history without
+    the monitor's numbers is an error (the run was trained, or cached, without it).
+
+    Here rather than in :mod:`bilevel_ssl.conflict`: the multi-task baselines declare that module as training code
+    (``code_modules``), so an edit there changes their encoder-cache key."""
+    from .conflict import step_curve
+
+    _, cos = step_curve(history, prefix + "mean_cos")
+    _, rate = step_curve(history, prefix + "conflict_rate")
+    if not cos or not rate:
+        raise ValueError(f"history: no {prefix}mean_cos / {prefix}conflict_rate records; train with "
+                         f"step_monitors=(conflict_monitor(...),) and a cache tag naming it")
+    return {"mean_cos": float(np.mean(cos)), "conflict_steps": float(np.mean(rate)), "min_cos": float(np.min(cos))}
+
+
 def train_and_evaluate(configs: Mapping, data: Data, *, n_episodes: int = 300, shots: tuple[int, ...] = (1, 5),
                        stats: Mapping[str, tuple[str, str]] | None = None, missing: Mapping[str, float] | None = None,
                        summary: Callable[[list[dict]], dict] | None = None,
@@ -202,7 +222,7 @@ def train_and_evaluate(configs: Mapping, data: Data, *, n_episodes: int = 300, s
     Returns ``(records, histories)``, both keyed like ``configs`` (rows with the same configuration, by
     :func:`config_key`, share one record and history).  A record holds the scores, ``diverged`` = 0.0, the numbers of
     :func:`history_stats` (``stats``, ``missing``) and of ``summary(history)`` (e.g. :func:`grad_norm_stats`,
-    :func:`bilevel_ssl.conflict.conflict_stats`), ``cached`` (loaded, not trained) and ``folder`` (the cache
+    :func:`conflict_stats`), ``cached`` (loaded, not trained) and ``folder`` (the cache
     entry).  A run whose gradients become non-finite (the trainer raises ``FloatingPointError``) is recorded, not
     raised - ``{"diverged": 1.0, "error": message}``, no history - since a diverged seed is a result the claims
     report (dropped and listed), not a crash.  One line per run is printed (``show``: the scores on it)."""
