@@ -24,6 +24,10 @@ def test_make_config_applies_recipe_and_inner_lr():
     own = make_config("barlow_twins", meta="gessl", meta_args={"inner_lr": 0.3}, epochs=2)
     assert own.meta_args["inner_lr"] == 0.3  # an explicit value wins over the recipe
     assert make_config("vicreg").lr == RECIPES["vicreg"]["lr"]
+    # a single-level multi-task baseline has no inner step: the recipe's inner_lr is not passed (it would be refused)
+    multi = make_config("barlow_twins", meta="multitask", meta_args={"n_tasks": 2, "combine": "pcgrad"})
+    assert multi.meta_args == {"n_tasks": 2, "combine": "pcgrad"}
+    assert make_config("vicreg", meta="tc2").meta_args == {"inner_lr": RECIPES["vicreg"]["inner_lr"]}
 
 
 def test_make_config_validates():
@@ -31,6 +35,8 @@ def test_make_config_validates():
         make_config("simclrr")
     with pytest.raises(ConfigError, match="lr: must be > 0"):
         make_config("simclr", lr=0.0)
+    with pytest.raises(ConfigError, match="meta"):  # an unknown meta-method is the config's error, naming the key
+        make_config("barlow_twins", meta="gesssl")
 
 
 def test_paired_difference_matches_student_t():

@@ -81,15 +81,17 @@ def make_config(objective: str, *, meta: str = "none", dataset: str = "mnistm5k"
                 hypergrad: str = "second_order", hypergrad_args: dict | None = None, device: str = "cpu",
                 recipes: dict | None = None) -> TrainConfig:
     """The :class:`TrainConfig` of one run: the shared recipe, then the objective's entry of ``recipes``
-    (default :data:`RECIPES`), then - for a bi-level ``meta`` - ``meta_args`` with the objective's ``inner_lr``
-    unless ``meta_args`` sets one.  Validated on construction (bad values name the key)."""
+    (default :data:`RECIPES`), then - for a ``meta`` other than ``none`` - ``meta_args``, with the objective's
+    ``inner_lr`` unless ``meta_args`` sets one if the method takes an inner step (a bi-level method: GeSSL, TC²,
+    MCR; not the single-level multi-task baselines, which have no inner step size).  Validated on construction
+    (bad values name the key)."""
     recipe = dict((RECIPES if recipes is None else recipes).get(objective, {}))
     inner_lr = recipe.pop("inner_lr", None)
     fields = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, **recipe}
     margs = {}
     if meta != "none":
         margs = dict(meta_args or {})
-        if inner_lr is not None and "inner_lr" not in margs:
+        if inner_lr is not None and "inner_lr" not in margs and _takes_inner_step(meta):
             margs["inner_lr"] = inner_lr
     return TrainConfig(objective=objective, meta=meta, meta_args=margs,
                        hypergrad=hypergrad if meta != "none" else "second_order",
@@ -98,6 +100,17 @@ def make_config(objective: str, *, meta: str = "none", dataset: str = "mnistm5k"
                        backbone_args=dict({"width": 64} if backbone_args is None else backbone_args),
                        augment=AUGMENT_PRESET.get(dataset, "cifar"), epochs=epochs, batch_size=batch_size,
                        seed=seed, device=device, progress=True, **fields)
+
+
+def _takes_inner_step(meta: str) -> bool:
+    """Whether meta-method ``meta`` is bi-level (has an inner step, hence an ``inner_lr`` option)."""
+    from .bilevel import BiLevelMethod
+    from .meta import meta_class
+
+    try:
+        return issubclass(meta_class(meta), BiLevelMethod)
+    except ValueError:  # an unknown name: TrainConfig reports it, naming the key
+        return False
 
 
 def knn_monitor(splits: Splits, *, n_train: int = 1000, n_test: int = 500, device: str = "cpu", k: int = 5):
