@@ -135,10 +135,11 @@ def test_bench_configs_times_each_configuration_once(monkeypatch):
     configuration share its measurement), the config's own fields as overrides, an overflow is a NaN row."""
     from bilevel_ssl.experiments import make_config
 
-    calls = []
+    calls, shapes = [], []
 
     def fake_case(overrides, *, batch, steps, warmup, device, channels, size, memory):
         calls.append(overrides)
+        shapes.append((channels, size))
         if overrides["seed"] == 9:
             raise FloatingPointError("overflow")
         return {"median_s": 0.5 + len(calls), "iqr_s": 0.1, "peak_mem_mb": float("nan"), "params": 1000,
@@ -148,14 +149,15 @@ def test_bench_configs_times_each_configuration_once(monkeypatch):
     monkeypatch.setattr(bench.os, "getloadavg", lambda: (0.5, 0.0, 0.0))
     configs = {("base", "simclr"): make_config("simclr"), ("engine", "second_order"): make_config("simclr"),
                ("engine", "x"): make_config("simclr", seed=9)}
-    table, load = bench.bench_configs(configs, batch=64, steps_per_epoch=4, steps=2, warmup=1, memory=False,
+    data = type("Images", (), {"channels": 1, "size": 12, "__len__": lambda self: 4 * 64 + 10})()
+    table, load = bench.bench_configs(configs, data, batch=64, steps=2, warmup=1, memory=False,
                                       names=["group", "label"])
-    assert len(calls) == 2 and calls[0]["objective"] == "simclr"
+    assert len(calls) == 2 and calls[0]["objective"] == "simclr" and shapes == [(1, 12)] * 2
     assert not {"batch_size", "device", "progress"} & set(calls[0])  # the benchmark sets those itself
     assert list(table.index.names) == ["group", "label"] and list(table.columns) == [
         "step_s", "step_iqr_s", "epoch_s", "peak_mem_mb", "params"]
     assert table.loc[("base", "simclr")].equals(table.loc[("engine", "second_order")])  # measured once
-    assert table.loc[("base", "simclr"), "epoch_s"] == 1.5 * 4
+    assert table.loc[("base", "simclr"), "epoch_s"] == 1.5 * 4  # 4 full batches of 64 in 266 images
     assert table.loc[("engine", "x")].isna().all()
     assert load == {"load_average": 0.5, "shared": False, "note": f"load average 0.5 on {os.cpu_count()} cores"}
 
