@@ -55,3 +55,16 @@ def test_conflict_scatter_every_run_and_the_gain_per_seed():
     assert points["simclr+TC2"] == []  # a method without runs is an empty series, not an error
     assert right.collections[0].get_offsets().data.tolist() == [[-0.4, 0.1], [0.2, 0.1]]  # x: the sum run's cosine
     assert sorted(t.get_text() for t in right.texts) == ["0", "1"]
+
+
+def test_fd_step_plot_marks_the_engines_actual_default_fd_r():
+    from bilevel_ssl.hypergrad import make_engine
+
+    sweep = pd.DataFrame({"point": ["init"] * 2, "dtype": ["float32"] * 2, "fd_r": [1e-2, 1e-4],
+                          "theta_rel_err": [0.5, 2.0], "g_rel_err": [0.1, 0.2]})
+    ax = plots.fd_step_plot(sweep, {"init": None}, ["float32"]).axes[0]
+    default = make_engine("aid_fd").fd_r
+    marks = [ln for ln in ax.get_lines() if ln.get_label().startswith("library default")]
+    assert len(marks) == 1 and marks[0].get_xdata()[0] == default and f"{default:g}" in marks[0].get_label()
+    theta = next(ln for ln in ax.get_lines() if ln.get_label() == "theta-gradient, float32")
+    assert list(theta.get_ydata()) == [0.5, 2.0]

@@ -55,13 +55,17 @@ def savefig(fig, path: str | Path) -> Path:
 # ------------------------------------------------------------------------------- figures of the claim notebooks
 
 def fd_step_plot(sweep, points, dtypes):
-    """Notebook 13: relative error of ``aid_fd`` against ``second_order`` over ``fd_r``, one panel per point."""
+    """Notebook 13: relative error of ``aid_fd`` against ``second_order`` over ``fd_r``, one panel per point; the
+    dotted line marks the engine's default ``fd_r`` (read from :mod:`bilevel_ssl.hypergrad`, not restated here)."""
+    from .hypergrad import make_engine
+
+    default = make_engine("aid_fd").fd_r
     fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 3.6), dpi=100, squeeze=False)
     for ax, point in zip(axes[0], points):
         for (dname, part), style in zip([(d, p) for d in dtypes for p in ("theta", "g")], ["o-", "s--", "o:", "s-."]):
             s = sweep[(sweep.point == point) & (sweep.dtype == dname)]
             ax.loglog(s.fd_r, s[f"{part}_rel_err"], style, ms=4, label=f"{part}-gradient, {dname}")
-        ax.axvline(0.01, color="k", lw=0.7, ls=":", label="library default fd_r = 0.01")
+        ax.axvline(default, color="k", lw=0.7, ls=":", label=f"library default fd_r = {default:g}")
         ax.axhline(1.0, color="grey", lw=0.7)
         ax.set(xlabel="fd_r", ylabel="relative error vs second_order", title=f"aid_fd at the {point} point")
         ax.legend(fontsize=7)
