@@ -2,6 +2,7 @@
 (timings themselves are never asserted: tests must not flake on a loaded machine)."""
 
 import json
+import os
 
 import pytest
 
@@ -127,3 +128,44 @@ def test_thread_count_is_pinned_from_the_environment(monkeypatch):
         monkeypatch.setenv("BILEVEL_SSL_THREADS", bad)
         with pytest.raises(ValueError, match="BILEVEL_SSL_THREADS: must be a whole number"):
             pinned_threads()
+
+
+def test_bench_configs_times_each_configuration_once(monkeypatch):
+    """The notebooks' back-to-back benchmark: one bench_case per distinct configuration (rows with the same
+    configuration share its measurement), the config's own fields as overrides, an overflow is a NaN row."""
+    from bilevel_ssl.experiments import make_config
+
+    calls, shapes = [], []
+
+    def fake_case(overrides, *, batch, steps, warmup, device, channels, size, memory):
+        calls.append(overrides)
+        shapes.append((channels, size))
+        if overrides["seed"] == 9:
+            raise FloatingPointError("overflow")
+        return {"median_s": 0.5 + len(calls), "iqr_s": 0.1, "peak_mem_mb": float("nan"), "params": 1000,
+                "views": 2}
+
+    monkeypatch.setattr(bench, "bench_case", fake_case)
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (0.5, 0.0, 0.0))
+    configs = {("base", "simclr"): make_config("simclr"), ("engine", "second_order"): make_config("simclr"),
+               ("engine", "x"): make_config("simclr", seed=9)}
+    data = type("Images", (), {"channels": 1, "size": 12, "__len__": lambda self: 4 * 64 + 10})()
+    table, load = bench.bench_configs(configs, data, batch=64, steps=2, warmup=1, memory=False,
+                                      names=["group", "label"])
+    assert len(calls) == 2 and calls[0]["objective"] == "simclr" and shapes == [(1, 12)] * 2
+    assert not {"batch_size", "device", "progress"} & set(calls[0])  # the benchmark sets those itself
+    assert list(table.index.names) == ["group", "label"] and list(table.columns) == [
+        "step_s", "step_iqr_s", "epoch_s", "peak_mem_mb", "params"]
+    assert table.loc[("base", "simclr")].equals(table.loc[("engine", "second_order")])  # measured once
+    assert table.loc[("base", "simclr"), "epoch_s"] == 1.5 * 4  # 4 full batches of 64 in 266 images
+    assert table.loc[("engine", "x")].isna().all()
+    assert load == {"load_average": 0.5, "shared": False, "note": f"load average 0.5 on {os.cpu_count()} cores"}
+
+
+def test_machine_load_flags_a_shared_machine(monkeypatch):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (1.0, 0.0, 0.0))
+    assert bench.machine_load()["shared"] is False
+    high = bench.machine_load(before=3.0)  # the busier of before and now counts
+    assert high["load_average"] == 3.0 and high["shared"] is True
+    assert high["note"] == "load average 3.0 on 2 cores: the machine was shared, these timings are unreliable"

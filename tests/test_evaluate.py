@@ -103,3 +103,23 @@ def test_protocol_fits_run_with_one_blas_thread_and_restore_it():
 
     for fn in (evaluate.knn_accuracy, evaluate.linear_probe, evaluate.few_shot, universality.sigma_measure):
         assert hasattr(fn, "__wrapped__"), fn.__name__
+
+def test_evaluate_encoder_without_shots_skips_the_novel_classes(monkeypatch):
+    """shots=() (notebook 40 scores only the base classes): no few-shot number, and the novel images are never
+    encoded - a full split's worth of forward passes saved per run."""
+    from types import SimpleNamespace
+
+    import bilevel_ssl.evaluate as ev
+
+    rng = np.random.default_rng(0)
+    part = lambda n: ImageSet(torch.from_numpy(rng.integers(0, 256, (n, 3, 4, 4), dtype=np.uint8)),  # noqa: E731
+                              torch.arange(n) % 2, "p")
+    splits = SimpleNamespace(train=part(20), test=part(10), novel=part(40), novel_classes=[2, 3])
+    seen = []
+    real = ev.raw_pixels
+    monkeypatch.setattr(ev, "raw_pixels", lambda d: seen.append(len(d)) or real(d))
+    out = ev.evaluate_encoder(None, splits, shots=())
+    assert set(out) == {"knn_acc", "knn_weighted_acc", "linear_acc"} and seen == [20, 10]
+    seen.clear()
+    out = ev.evaluate_encoder(None, splits, shots=(1,), n_episodes=3)
+    assert "fewshot_5w1s_acc" in out and "fewshot_5w5s_acc" not in out and seen == [20, 10, 40]

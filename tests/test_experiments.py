@@ -1,12 +1,19 @@
 """Shared experiment helpers: recipes reach the config, summaries aggregate seeds, a grid trains each configuration
-once, comparisons outside the claims are paired as the claims are."""
+once, comparisons outside the claims are paired as the claims are; a table of runs is trained once per configuration
+and read off its histories; engines' gradients are compared."""
+
+import math
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from bilevel_ssl.config import ConfigError
-from bilevel_ssl.experiments import RECIPES, knn_monitor, make_config, summarize
+from bilevel_ssl.experiments import (RECIPES, Data, augment_subset_config, check_values, compare_meta_gradients,
+                                     config_key, conflict_stats, grad_norm_stats, gradient_agreement, history_stats,
+                                     knn_monitor, make_config, meta_step_gradients,
+                                     probe_loss_monitor, run_rows, summarize, train_and_evaluate)
 
 
 def test_make_config_applies_recipe_and_inner_lr():
@@ -18,6 +25,10 @@ def test_make_config_applies_recipe_and_inner_lr():
     own = make_config("barlow_twins", meta="gessl", meta_args={"inner_lr": 0.3}, epochs=2)
     assert own.meta_args["inner_lr"] == 0.3  # an explicit value wins over the recipe
     assert make_config("vicreg").lr == RECIPES["vicreg"]["lr"]
+    # a single-level multi-task baseline has no inner step: the recipe's inner_lr is not passed (it would be refused)
+    multi = make_config("barlow_twins", meta="multitask", meta_args={"n_tasks": 2, "combine": "pcgrad"})
+    assert multi.meta_args == {"n_tasks": 2, "combine": "pcgrad"}
+    assert make_config("vicreg", meta="tc2").meta_args == {"inner_lr": RECIPES["vicreg"]["inner_lr"]}
 
 
 def test_make_config_validates():
@@ -25,6 +36,8 @@ def test_make_config_validates():
         make_config("simclrr")
     with pytest.raises(ConfigError, match="lr: must be a finite number > 0"):
         make_config("simclr", lr=0.0)
+    with pytest.raises(ConfigError, match="meta"):  # an unknown meta-method is the config's error, naming the key
+        make_config("barlow_twins", meta="gesssl")
 
 
 def test_summarize_means_and_cis_per_group():
@@ -36,8 +49,6 @@ def test_summarize_means_and_cis_per_group():
 
 
 def test_knn_monitor_scores_a_backbone(mnistm):
-    import torch
-
     from bilevel_ssl.data import make_splits
     from bilevel_ssl.meta import SSLNet
     from bilevel_ssl.models import make_backbone
@@ -95,3 +106,183 @@ def test_described_pairs_like_the_claims():
     assert out["x"].startswith("described, not decided: a − b: acc +0.150, knn +0.100 (mean over 2 paired seeds")
     assert "seed 2: B diverged" in out["x"] and "seeds on one side only: 3" in out["x"]
     assert out["y"] == "not in the table: c"
+
+# ---------------------------------------------------------------------------------------------- a table of runs
+
+def test_check_values_names_the_parameter_and_the_bad_values():
+    check_values("gain_metric", "knn_acc", ["knn_acc", "linear_acc"])
+    check_values("seeds", [0, 1], range(3))
+    with pytest.raises(ValueError, match=r"baselines: 'pcgradd', 'x' not allowed; allowed: pcgrad, gradvac"):
+        check_values("baselines", ["pcgrad", "pcgradd", "x"], ("pcgrad", "gradvac"))
+    with pytest.raises(ValueError, match=r"grid_seeds: 5 not allowed \(a subset of seeds\); allowed: 0, 1"):
+        check_values("grid_seeds", [5], [0, 1], "a subset of seeds")
+    with pytest.raises(ValueError, match="grid_base: 'byol' not allowed"):  # a string is one value, not its letters
+        check_values("grid_base", "byol", ["simclr"])
+
+
+def test_config_key_is_the_whole_configuration():
+    a, b = make_config("simclr", seed=0), make_config("simclr", seed=0)
+    assert a is not b and config_key(a) == config_key(b)
+    assert config_key(a) != config_key(make_config("simclr", seed=1))
+    assert config_key(a) != config_key(make_config("simclr", seed=0, meta="gessl", meta_args={"m": 8}))
+
+
+HISTORY = [{"epoch": 1, "loss": 3.0, "time_s": 2.0, "threshold": 0.5, "bound": 0.2},
+           {"epoch": 2, "loss": 2.0, "time_s": 4.0, "threshold": 0.7, "bound": 0.9},
+           {"epoch": 3, "loss": 1.5, "time_s": 6.0, "threshold": 0.6, "bound": 0.4}]
+
+
+def test_history_stats_reductions_and_missing_keys():
+    out = history_stats(HISTORY, {"thr_mean": ("mean", "threshold"), "thr": ("last", "threshold"),
+                                  "bound_max": ("max", "bound"), "g_grad_norm": ("mean", "g_grad_norm"),
+                                  "xi": ("mean", "xi")}, missing={"g_grad_norm": 0.0})
+    assert list(out)[:2] == ["train_s_per_epoch", "final_loss"]  # always there, first
+    assert out["train_s_per_epoch"] == 4.0 and out["final_loss"] == 1.5
+    assert out["thr_mean"] == pytest.approx(0.6) and out["thr"] == 0.6 and out["bound_max"] == 0.9
+    assert out["g_grad_norm"] == 0.0 and math.isnan(out["xi"])  # an absent key: its `missing` value, else NaN
+    with pytest.raises(ValueError, match="stats: unknown reduction 'median' of 'x'; allowed: mean, last, max"):
+        history_stats(HISTORY, {"x": ("median", "loss")})
+
+
+def test_grad_norm_stats_mean_variance_cv():
+    h = [{"grad_norm": 1.0, "grad_norm_sq": 2.0}, {"grad_norm": 3.0, "grad_norm_sq": 10.0}]
+    out = grad_norm_stats(h)
+    assert out["grad_norm_mean"] == 2.0 and out["grad_norm_var"] == pytest.approx(6.0 - 4.0)
+    assert out["grad_norm_cv"] == pytest.approx(math.sqrt(2.0) / 2.0)
+    # rounding can make E|g|^2 - (E|g|)^2 slightly negative for a constant norm: clipped to 0, not a NaN std
+    assert grad_norm_stats([{"grad_norm": 0.1, "grad_norm_sq": 0.1 ** 2 - 1e-18}])["grad_norm_var"] == 0.0
+    with pytest.raises(ValueError, match="no grad_norm / grad_norm_sq records"):
+        grad_norm_stats([{"loss": 1.0}])
+
+
+def test_conflict_stats_summarise_the_measured_steps_of_a_history():
+    history = [{"epoch": 1, "steps": [{"step": 1, "monitor_mean_cos": 0.5, "monitor_conflict_rate": 0.0},
+                                      {"step": 2, "loss": 1.0},  # a step the monitor skipped (every > 1)
+                                      {"step": 3, "monitor_mean_cos": -0.25, "monitor_conflict_rate": 1.0}]},
+               {"epoch": 2, "steps": [{"step": 5, "monitor_mean_cos": 0.0, "monitor_conflict_rate": 0.0}]}]
+    out = conflict_stats(history)
+    assert out == {"mean_cos": pytest.approx(0.25 / 3), "conflict_steps": pytest.approx(1 / 3), "min_cos": -0.25}
+    assert conflict_stats([{"steps": [{"step": 1, "x_mean_cos": 1.0, "x_conflict_rate": 0.0}]}], prefix="x_")[
+        "mean_cos"] == 1.0
+    with pytest.raises(ValueError, match="no monitor_mean_cos / monitor_conflict_rate records"):
+        conflict_stats([{"epoch": 1, "loss": 2.0}])
+
+
+class _Run:
+    def __init__(self, cfg):
+        self.backbone, self.cached, self.out_dir = cfg.seed, False, f"/cache/{cfg.seed}"
+        self.history = [{"loss": 1.0 + cfg.seed, "time_s": 2.0, "probe": 10.0 * cfg.seed}]
+
+
+def test_train_and_evaluate_trains_each_configuration_once_and_records_divergence(monkeypatch, capsys):
+    import bilevel_ssl.cache
+    import bilevel_ssl.experiments as ex
+
+    trained, scored, monitors_seen = [], [], []
+
+    def fake_train(cfg, data, *, monitors, step_monitors, tag):
+        assert data == "images" and tag == "" and step_monitors == ()  # the pre-training images of Data
+        trained.append(cfg.seed)
+        monitors_seen.append(monitors)
+        if cfg.seed == 2:
+            raise FloatingPointError("non-finite gradient at step 3")
+        return _Run(cfg)
+
+    def fake_eval(backbone, splits, *, n_episodes, seed, device, shots):
+        scored.append((backbone, seed, shots))
+        return {"linear_acc": 0.5 + seed / 10}
+
+    monkeypatch.setattr(bilevel_ssl.cache, "cached_train", fake_train)
+    monkeypatch.setattr(ex, "evaluate_encoder", fake_eval)
+    configs = {("a", 0): make_config("simclr", seed=0), ("b", 0): make_config("simclr", seed=0),  # the same run
+               ("a", 1): make_config("simclr", seed=1), ("a", 2): make_config("simclr", seed=2)}
+    records, histories = train_and_evaluate(configs, Data(None, "splits", "images"), shots=(),
+                                            stats={"probe_last": ("last", "probe")},
+                                            summary=lambda h: {"n_epochs": len(h)},
+                                            monitors=lambda cfg: (f"monitor of seed {cfg.seed}",))
+    assert trained == [0, 1, 2] and [s[1] for s in scored] == [0, 1] and scored[0][2] == ()
+    assert monitors_seen[1] == ("monitor of seed 1",)  # a callable builds the monitors per run
+    assert records[("a", 0)] is records[("b", 0)] and histories[("b", 0)] is histories[("a", 0)]
+    assert records[("a", 1)] == {"linear_acc": 0.6, "diverged": 0.0, "train_s_per_epoch": 2.0, "final_loss": 2.0,
+                                 "probe_last": 10.0, "n_epochs": 1, "cached": False, "folder": "/cache/1"}
+    assert records[("a", 2)] == {"diverged": 1.0, "error": "non-finite gradient at step 3"}
+    assert ("a", 2) not in histories and list(records) == list(configs)
+    out = capsys.readouterr().out
+    assert "a 2: DIVERGED - non-finite gradient at step 3" in out
+    assert "a 1: linear_acc 0.600  (trained, 2.0 s/epoch)" in out
+
+
+def test_run_rows_names_key_parts_and_fills_nan():
+    records = {("variant", "joint", 0): {"linear_acc": 0.7, "diverged": 0.0, "folder": "x", "cached": True},
+               ("variant", "joint", 1): {"diverged": 1.0, "error": "boom"}}
+    rows = run_rows(records, ["group", "label", "seed"], ["linear_acc", "diverged"])
+    assert rows[0] == {"group": "variant", "label": "joint", "seed": 0, "linear_acc": 0.7, "diverged": 0.0}
+    assert math.isnan(rows[1]["linear_acc"]) and rows[1]["diverged"] == 1.0
+    assert run_rows(records, ["group", "label", "seed"])[1] == {"group": "variant", "label": "joint", "seed": 1,
+                                                                "diverged": 1.0}  # no error text, no folder
+    assert run_rows({"base": {"x": 1.0}}, ["method"]) == [{"method": "base", "x": 1.0}]
+    with pytest.raises(ValueError, match="names: \\['method'\\] do not name the 2 part"):
+        run_rows({("base", 0): {}}, ["method"])
+
+
+def test_probe_loss_monitor_is_the_eval_mode_loss_on_fixed_views(tiny):
+    from bilevel_ssl.augment import make_views, preset
+    from bilevel_ssl.objectives import make_objective
+    from bilevel_ssl.trainer import build_net
+
+    cfg = make_config("simclr", backbone_args={"width": 8}, batch_size=32)
+    net, objective = build_net(cfg, tiny.channels, tiny.size)
+    net.train()
+    images = tiny.images[:16]
+    monitor = probe_loss_monitor(cfg, images)
+    with torch.no_grad():  # as the trainer runs monitors
+        first, second = monitor(1, net), monitor(2, net)
+    assert net.training and first == second  # mode restored; the same views every epoch
+    x = torch.cat(make_views(images.float().div(255), 2, preset(cfg.augment), torch.Generator().manual_seed(0)))
+    net.eval()
+    with torch.no_grad():
+        want = float(make_objective(cfg.objective, **cfg.objective_args).loss(objective.outputs(net, x, 2), None))
+    assert first["probe_loss"] == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="without a teacher network, got byol"):
+        probe_loss_monitor(make_config("byol"), images)
+
+
+def test_augment_subset_config_only_changes_the_augmentation():
+    cfg = make_config("simclr", seed=3)
+    sub = augment_subset_config(cfg, ["crop"])
+    assert sub.augment_args and cfg.augment_args == {}
+    assert {k: v for k, v in sub.to_dict().items() if k != "augment_args"} == {
+        k: v for k, v in cfg.to_dict().items() if k != "augment_args"}
+    assert config_key(sub) != config_key(cfg)  # the subset is part of the run's identity (and cache key)
+
+
+# ------------------------------------------------------------------------------------- hypergradient check
+
+def test_gradient_agreement():
+    ref = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    assert gradient_agreement(ref.clone(), ref) == {"cos": pytest.approx(1.0), "rel_err": 0.0}
+    twice = gradient_agreement(2 * ref, ref)  # same direction, twice as long: cosine blind, relative error not
+    assert twice["cos"] == pytest.approx(1.0) and twice["rel_err"] == pytest.approx(1.0)
+    assert gradient_agreement(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), ref)["cos"] == pytest.approx(0.0)
+
+
+def test_compare_meta_gradients_of_gessl_engines(tiny):
+    def cfg(engine, **args):
+        margs = {"m": 4, "allow_untrained_meta": True} if engine == "first_order" else {"m": 4}
+        return make_config("simclr", meta="gessl", meta_args=margs, hypergrad=engine, hypergrad_args=args,
+                           backbone_args={"width": 8}, batch_size=16, seed=1)
+
+    images = tiny.images[:16]
+    ref = cfg("second_order")
+    rows = compare_meta_gradients({"second_order": ref, "first_order": cfg("first_order")}, ref, images, view_seed=1)
+    exact, first = rows
+    assert exact["label"] == "second_order" and exact["theta_cos"] == pytest.approx(1.0)
+    assert exact["theta_rel_err"] == 0.0 and exact["g_rel_err"] == 0.0  # deterministic: the same step twice
+    assert exact["g_norm"] > 0 and first["g_norm"] == 0.0  # first order: g gets no gradient at all
+    assert first["theta_rel_err"] > 0 and set(exact) == {"label", "theta_cos", "theta_rel_err", "g_cos", "g_rel_err",
+                                                          "theta_norm", "g_norm", "seconds"}
+    # another view seed is another batch, hence another gradient; dtype is the precision the step is computed in
+    g = meta_step_gradients(ref, images, view_seed=1)
+    assert not torch.equal(g["theta"], meta_step_gradients(ref, images, view_seed=2)["theta"])
+    assert not torch.equal(g["theta"], meta_step_gradients(ref, images, view_seed=1, dtype=torch.float64)["theta"])
+    assert g["theta"].dtype == torch.float64 and g["meta"].numel() > 0  # returned as float64 either way

@@ -467,7 +467,8 @@ def test_subset_config_switches_ops_on_and_off():
 
 
 def test_subsets_are_augment_args_of_the_training_config(tiny, tmp_path):
-    from bilevel_ssl.experiments import subset_args, train_augment_subset
+    from bilevel_ssl.cache import cached_train
+    from bilevel_ssl.experiments import augment_subset_config, subset_args
 
     base = PRESETS["mnistm"]
     args = subset_args(["rotate", "jitter"], base)
@@ -475,17 +476,14 @@ def test_subsets_are_augment_args_of_the_training_config(tiny, tmp_path):
     assert subset_args(["flip", "rotate", "crop", "grey", "jitter"], base) == {"flip_p": 0.5, "rotate90_p": 0.75}
     cfg = TrainConfig(objective="simclr", objective_args=TINY_ARGS["simclr"], epochs=1, batch_size=32,
                       backbone_args={"width": 8}, lr=0.05, progress=False)
-    assert cfg.__class__(**{**cfg.to_dict(), "augment_args": args}).augmentation() == subset_config(
-        ["rotate", "jitter"], base)
-    import bilevel_ssl.cache as cache
-
-    calls = []
-    real = cache.cached_train
-    try:
-        cache.cached_train = lambda c, data, **kw: calls.append(c) or real(c, data, root=tmp_path, **kw)
-        run = train_augment_subset(cfg, tiny, ["jitter", "rotate"])
-    finally:
-        cache.cached_train = real
-    assert calls[0].augment_args == args and "augment_args" in run.out_dir.joinpath("key.json").read_text()
+    sub = augment_subset_config(cfg, ["jitter", "rotate"])
+    assert sub.augment_args == args and sub.augmentation() == subset_config(["rotate", "jitter"], base)
+    assert sub.objective_args == cfg.objective_args and cfg.augment_args == {}  # the rest untouched, cfg not mutated
+    # augment_args already set are kept unless the subset overrides them
+    assert augment_subset_config(cfg.__class__(**{**cfg.to_dict(), "augment_args": {"blur_p": 0.0,
+                                                                                      "flip_p": 0.3}}),
+                                 ["flip"]).augment_args["flip_p"] == 0.3
+    run = cached_train(sub, tiny, root=tmp_path)
+    assert "augment_args" in run.out_dir.joinpath("key.json").read_text()
     assert run.history[-1]["loss"] != train(cfg, tiny).history[-1]["loss"]  # other views, other numbers
     assert subset_tag(["crop", "flip"]) == "augment-subset:flip+crop"

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import re
 import statistics
@@ -195,6 +196,57 @@ def bench_case(overrides: dict, *, batch: int = 256, steps: int = 10, warmup: in
     n_params = sum(p.numel() for p in net.parameters()) + sum(p.numel() for p in meta.parameters())
     return {"median_s": statistics.median(times), "iqr_s": q[2] - q[0], "peak_mem_mb": mem, "params": n_params,
             "views": meta.n_views}
+
+
+def bench_configs(configs: dict, data, *, batch: int, steps: int = 10, warmup: int = 3, device: str = "cpu",
+                  memory: bool = True, names: list[str] | None = None):
+    """:func:`bench_case` of every distinct ``TrainConfig`` of ``configs = {key: cfg}``, back to back in this process
+    (machine load then changes all of them alike, to first order), at ``batch`` source images per step, on random
+    images shaped like those of ``data`` (the :class:`~bilevel_ssl.data.ImageSet` the runs pre-train on).
+
+    Returns ``(table, load)``: a DataFrame indexed by the keys (a MultiIndex for tuple keys; level ``names``, so
+    that it joins the results table of the same runs) with ``step_s`` (median step time), ``step_iqr_s``,
+    ``epoch_s`` = step_s × the trainer's steps per epoch on ``data`` (``len(data) // batch``), ``peak_mem_mb`` (NaN
+    on CPU without ``memory``) and ``params`` (network + meta-networks); and :func:`machine_load` over the
+    benchmark.  A configuration whose step overflows on the random images is a row of NaN, with a printed note, not
+    an error: it is still a result.  The CPU allocator is tuned as the trainer tunes it
+    (:func:`bilevel_ssl.runtime.tune_cpu_allocator`), so the benchmark times what training runs."""
+    import pandas as pd
+
+    from .experiments import config_key
+
+    tune_cpu_allocator()
+    before = os.getloadavg()[0]
+    done, rows = {}, {}
+    for key, cfg in configs.items():
+        ck = config_key(cfg)
+        if ck not in done:
+            overrides = {k: v for k, v in cfg.to_dict().items() if k not in ("batch_size", "device", "progress")}
+            try:
+                done[ck] = bench_case(overrides, batch=batch, steps=steps, warmup=warmup, device=device,
+                                      channels=data.channels, size=data.size, memory=memory)
+            except FloatingPointError as err:
+                print(f"{key}: the benchmark step overflowed on random images ({err})")
+                done[ck] = {"median_s": math.nan, "iqr_s": math.nan, "peak_mem_mb": math.nan, "params": math.nan}
+        b = done[ck]
+        rows[key] = {"step_s": b["median_s"], "step_iqr_s": b["iqr_s"], "epoch_s": b["median_s"] * (len(data) // batch),
+                     "peak_mem_mb": b["peak_mem_mb"], "params": b["params"]}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    if names is not None:
+        table = table.rename_axis(names)
+    return table, machine_load(before)
+
+
+def machine_load(before: float | None = None) -> dict:
+    """The 1-minute load average (the larger of ``before`` and now: other jobs competing for the cores during a
+    measurement), whether it exceeds the cores by more than this process's own share (``shared``: timings are then
+    unreliable) and a one-line ``note`` saying so."""
+    load = max(before if before is not None else 0.0, os.getloadavg()[0])
+    cores = os.cpu_count()
+    shared = load > cores + 0.5
+    note = f"load average {load:.1f} on {cores} cores" + (": the machine was shared, these timings are unreliable"
+                                                           if shared else "")
+    return {"load_average": load, "shared": shared, "note": note}
 
 
 def bench_augment(*, batch: int = 256, steps: int = 10, warmup: int = 3, device: str = "cpu", channels: int = 3,

@@ -235,14 +235,15 @@ def evaluate_encoder(encoder, splits, *, n_episodes: int = 300, seed: int = 0, d
                      shots: tuple[int, ...] = (1, 5)) -> dict[str, float]:
     """The notebooks' standard protocol (:data:`PROTOCOL`) for one encoder (``None`` = raw pixels) on a
     :class:`bilevel_ssl.data.Splits`: k-NN, weighted k-NN and linear on the base classes, few-shot on the novel
-    classes (skipped when the split has none)."""
+    classes, ``k``-shot for each ``k`` of ``shots`` (skipped when the split has no novel class or ``shots`` is
+    empty: then the novel images are not even encoded)."""
     feat = raw_pixels if encoder is None else (lambda d: extract_features(encoder, d, device=device))
     f_tr, f_te = feat(splits.train), feat(splits.test)
     y_tr, y_te = splits.train.labels, splits.test.labels
     r = {"knn_acc": knn_accuracy(f_tr, y_tr, f_te, y_te, k=5),
          "knn_weighted_acc": knn_accuracy(f_tr, y_tr, f_te, y_te, k=5, weighted=True),
          "linear_acc": linear_probe(f_tr, y_tr, f_te, y_te, seed=seed)["top1"]}
-    if splits.novel is not None:
+    if splits.novel is not None and shots:
         f_nov = feat(splits.novel)
         for k in shots:
             fs = few_shot(f_nov, splits.novel.labels, n_way=min(5, len(splits.novel_classes)), k_shot=k,

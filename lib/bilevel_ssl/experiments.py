@@ -1,8 +1,11 @@
 """What the experiment notebooks share: data preparation, per-objective recipes, base/method configurations,
-a per-epoch k-NN monitor, seed aggregation, a grid of runs trained once per distinct configuration
-(:func:`run_grid`), comparisons outside the claims described, not decided (:func:`described`), and the augmentation
-subsets of MCR's Table 4 (:func:`subset_config`, :func:`subset_args`, :func:`train_augment_subset`: expressed as
-``TrainConfig.augment_args`` over the dataset preset; rotation: ``rotate90_p``).
+per-epoch monitors (k-NN, probe loss), training and scoring a table of runs (:func:`train_and_evaluate`, with the
+per-run numbers of :func:`history_stats`, :func:`grad_norm_stats` and :func:`conflict_stats`, rows by
+:func:`run_rows`), seed aggregation, a grid of runs trained once per distinct configuration (:func:`run_grid`),
+comparisons outside the claims described, not decided (:func:`described`), the augmentation subsets of MCR's Table 4 (:func:`subset_config`,
+:func:`subset_args`, :func:`augment_subset_config`: expressed as ``TrainConfig.augment_args`` over the dataset preset;
+rotation: ``rotate90_p``) and the check of a meta-method's gradients against a reference engine
+(:func:`compare_meta_gradients`).
 
 Keeping this here keeps the notebooks thin (parameters, calls, figures, reading) and makes every notebook build
 the *same* configuration for the same base run - so :func:`bilevel_ssl.cache.cached_train` reuses it across
@@ -14,16 +17,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .augment import AugmentConfig
+from .augment import AugmentConfig, make_views, preset
 from .config import TrainConfig
 from .data import AUGMENT_PRESET, ImageSet, Splits, load_dataset, make_splits
-from .evaluate import extract_features, knn_accuracy, mean_ci95
+from .evaluate import evaluate_encoder, extract_features, knn_accuracy, mean_ci95
 
 # Small-scale recipes on Conv-4 (the zoo notebook's sizes): objective options and the optimiser fields where
 # one SGD recipe does not fit.  ``inner_lr``: GeSSL's α for that base - losses on another scale need another α
@@ -61,21 +65,33 @@ def prepare(dataset: str = "mnistm5k", *, novel_classes: int = 5, test_fraction:
     return Data(ds, splits, pretrain)
 
 
+def check_values(key: str, values, allowed: Iterable, why: str = "") -> None:
+    """Raise ``ValueError`` naming the notebook parameter ``key`` when any of ``values`` (one value, or a list) is not
+    among ``allowed`` - before anything trains, so that a typo in a params file costs seconds, not a run."""
+    allowed = list(allowed)
+    bad = [v for v in (values if isinstance(values, (list, tuple, set)) else [values]) if v not in allowed]
+    if bad:
+        raise ValueError(f"{key}: {', '.join(map(repr, bad))} not allowed" + (f" ({why})" if why else "")
+                         + f"; allowed: {', '.join(map(str, allowed))}")
+
+
 def make_config(objective: str, *, meta: str = "none", dataset: str = "mnistm5k", seed: int = 0, epochs: int = 10,
                 batch_size: int = 256, lr: float = 0.05, optimizer: str = "sgd", weight_decay: float = 1e-4,
                 backbone: str = "conv4", backbone_args: dict | None = None, meta_args: dict | None = None,
                 hypergrad: str = "second_order", hypergrad_args: dict | None = None, device: str = "cpu",
                 recipes: dict | None = None) -> TrainConfig:
     """The :class:`TrainConfig` of one run: the shared recipe, then the objective's entry of ``recipes``
-    (default :data:`RECIPES`), then - for a bi-level ``meta`` - ``meta_args`` with the objective's ``inner_lr``
-    unless ``meta_args`` sets one.  Validated on construction (bad values name the key)."""
+    (default :data:`RECIPES`), then - for a ``meta`` other than ``none`` - ``meta_args``, with the objective's
+    ``inner_lr`` unless ``meta_args`` sets one if the method takes an inner step (a bi-level method: GeSSL, TC²,
+    MCR; not the single-level multi-task baselines, which have no inner step size).  Validated on construction
+    (bad values name the key)."""
     recipe = dict((RECIPES if recipes is None else recipes).get(objective, {}))
     inner_lr = recipe.pop("inner_lr", None)
     fields = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, **recipe}
     margs = {}
     if meta != "none":
         margs = dict(meta_args or {})
-        if inner_lr is not None and "inner_lr" not in margs:
+        if inner_lr is not None and "inner_lr" not in margs and _takes_inner_step(meta):
             margs["inner_lr"] = inner_lr
     return TrainConfig(objective=objective, meta=meta, meta_args=margs,
                        hypergrad=hypergrad if meta != "none" else "second_order",
@@ -84,6 +100,17 @@ def make_config(objective: str, *, meta: str = "none", dataset: str = "mnistm5k"
                        backbone_args=dict({"width": 64} if backbone_args is None else backbone_args),
                        augment=AUGMENT_PRESET.get(dataset, "cifar"), epochs=epochs, batch_size=batch_size,
                        seed=seed, device=device, progress=True, **fields)
+
+
+def _takes_inner_step(meta: str) -> bool:
+    """Whether meta-method ``meta`` is bi-level (has an inner step, hence an ``inner_lr`` option)."""
+    from .bilevel import BiLevelMethod
+    from .meta import meta_class
+
+    try:
+        return issubclass(meta_class(meta), BiLevelMethod)
+    except ValueError:  # an unknown name: TrainConfig reports it, naming the key
+        return False
 
 
 def knn_monitor(splits: Splits, *, n_train: int = 1000, n_test: int = 500, device: str = "cpu", k: int = 5):
@@ -101,6 +128,164 @@ def knn_monitor(splits: Splits, *, n_train: int = 1000, n_test: int = 500, devic
     return monitor
 
 
+def probe_loss_monitor(cfg: TrainConfig, images: torch.Tensor):
+    """A training monitor: the base objective's loss on fixed views of ``images`` (uint8, e.g. the first 64
+    pre-training images; views drawn once from a generator seeded 0 with ``cfg``'s augmentation), in eval mode
+    (BatchNorm running statistics), after every epoch -> ``{"probe_loss": loss}``.
+
+    Why: a meta-method's training loss is often on another scale than its base's (GeSSL logs a per-task query loss
+    on B/m pairs), so the two curves cannot be compared; this one is the same function of the weights for every
+    method.  An objective with a momentum teacher is refused (its loss would read the teacher, not the network)."""
+    from .objectives import make_objective
+
+    objective = make_objective(cfg.objective, **cfg.objective_args)
+    if objective.teacher_momentum(0.0) is not None:
+        raise ValueError(f"objective: the probe loss needs an objective without a teacher network, got {cfg.objective}")
+    x = torch.cat(make_views(images.float().div(255), objective.n_views, preset(cfg.augment),
+                             torch.Generator().manual_seed(0)))
+
+    def monitor(epoch: int, net) -> dict:
+        was_training = net.training
+        net.eval()
+        loss = objective.loss(objective.outputs(net, x.to(next(net.parameters()).device), objective.n_views), None)
+        net.train(was_training)
+        return {"probe_loss": float(loss)}
+
+    return monitor
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a table of runs: train (or load) each distinct configuration once, score it, read its history
+
+def config_key(cfg: TrainConfig) -> str:
+    """The identity of a run: its configuration as canonical JSON.  Two table rows with equal keys are one run (e.g.
+    notebook 13's bi-level row is also its ``second_order`` engine row)."""
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+RUN_STATS = {"train_s_per_epoch": ("mean", "time_s"), "final_loss": ("last", "loss")}
+_REDUCTIONS = {"mean": lambda v: float(np.mean(v)), "last": lambda v: float(v[-1]), "max": lambda v: float(np.max(v))}
+
+
+def history_stats(history: list[dict], stats: Mapping[str, tuple[str, str]] | None = None, *,
+                  missing: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Numbers of one run read off its trainer history (one record per epoch).
+
+    ``stats = {name: (reduction, key)}``: the ``mean`` over epochs, the ``last`` epoch's value or the ``max`` of
+    history key ``key``, reported as ``name``; always preceded by :data:`RUN_STATS` (mean seconds per epoch, final
+    training loss).  A key that no epoch logged gives ``missing.get(name, nan)``: e.g. ``{"g_grad_norm": 0.0}`` -
+    a run without GeSSL's threshold network g gives g no gradient - while NaN keeps "not measured" apart from 0."""
+    missing = dict(missing or {})
+    out = {}
+    for name, (reduction, key) in {**RUN_STATS, **(stats or {})}.items():
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"stats: unknown reduction {reduction!r} of {name!r}; allowed: {', '.join(_REDUCTIONS)}")
+        values = [r[key] for r in history if key in r]
+        out[name] = _REDUCTIONS[reduction](values) if values else float(missing.get(name, math.nan))
+    return out
+
+
+def grad_norm_stats(history: list[dict]) -> dict[str, float]:
+    """Mean, variance and coefficient of variation over all steps of a run of the update-gradient norm, from the
+    per-epoch means of ‖∇‖ and ‖∇‖² that :func:`bilevel_ssl.trainer.grad_norm_monitor` logs (every epoch has the same
+    number of steps, so the mean of the epoch means is the mean over steps): ``var = E‖∇‖² − (E‖∇‖)²`` (clipped at 0
+    against rounding), ``cv = √var / mean``.  A history without the monitor's numbers is an error, not a NaN: a
+    cache entry trained without the monitor must be retrained."""
+    if not history or "grad_norm" not in history[0] or "grad_norm_sq" not in history[0]:
+        raise ValueError("history: no grad_norm / grad_norm_sq records; train with step_monitors=(grad_norm_monitor,) "
+                         "(a cached entry without them must be removed and trained again)")
+    mean = float(np.mean([r["grad_norm"] for r in history]))
+    var = max(float(np.mean([r["grad_norm_sq"] for r in history])) - mean ** 2, 0.0)
+    return {"grad_norm_mean": mean, "grad_norm_var": var, "grad_norm_cv": var ** 0.5 / mean}
+
+
+def conflict_stats(history: list[dict], prefix: str = "monitor_") -> dict[str, float]:
+    """Three numbers of a run's per-step gradient-conflict curve (the records of
+    :func:`bilevel_ssl.conflict.conflict_monitor`, keys ``prefix``...): ``mean_cos`` - the task-gradient cosine
+    averaged over the measured steps; ``conflict_steps`` - the mean of the per-step ``conflict_rate`` (for two tasks:
+    the fraction of steps whose task gradients conflict); ``min_cos`` - the most negative cosine.  A history without
+    the monitor's numbers is an error (the run was trained, or cached, without it).
+
+    Here rather than in :mod:`bilevel_ssl.conflict`: the multi-task baselines declare that module as training code
+    (``code_modules``), so an edit there changes their encoder-cache key."""
+    from .conflict import step_curve
+
+    _, cos = step_curve(history, prefix + "mean_cos")
+    _, rate = step_curve(history, prefix + "conflict_rate")
+    if not cos or not rate:
+        raise ValueError(f"history: no {prefix}mean_cos / {prefix}conflict_rate records; train with "
+                         f"step_monitors=(conflict_monitor(...),) and a cache tag naming it")
+    return {"mean_cos": float(np.mean(cos)), "conflict_steps": float(np.mean(rate)), "min_cos": float(np.min(cos))}
+
+
+def train_and_evaluate(configs: Mapping, data: Data, *, n_episodes: int = 300, shots: tuple[int, ...] = (1, 5),
+                       stats: Mapping[str, tuple[str, str]] | None = None, missing: Mapping[str, float] | None = None,
+                       summary: Callable[[list[dict]], dict] | None = None,
+                       monitors: tuple | Callable[[TrainConfig], tuple] = (), step_monitors: tuple = (), tag: str = "",
+                       show: Sequence[str] = ("linear_acc", "knn_acc", "fewshot_5w5s_acc")) -> tuple[dict, dict]:
+    """Pre-train every distinct configuration of ``configs = {key: TrainConfig}`` once on ``data.pretrain`` - or
+    load it from the encoder cache (:func:`bilevel_ssl.cache.cached_train` with ``monitors``, ``step_monitors`` and
+    ``tag``; ``monitors`` may be a function of the run's config, for a monitor built per run) - and score its
+    frozen backbone with the standard protocol (:func:`bilevel_ssl.evaluate.evaluate_encoder`, seed = the run's
+    seed; few-shot with ``shots``, none for ``()``).
+
+    Why one function: every claim notebook trains a table of runs the same way, and the same configuration must
+    give the same record in every notebook (the cache makes it the same run).
+
+    Returns ``(records, histories)``, both keyed like ``configs`` (rows with the same configuration, by
+    :func:`config_key`, share one record and history).  A record holds the scores, ``diverged`` = 0.0, the numbers of
+    :func:`history_stats` (``stats``, ``missing``) and of ``summary(history)`` (e.g. :func:`grad_norm_stats`,
+    :func:`conflict_stats`), ``cached`` (loaded, not trained) and ``folder`` (the cache
+    entry).  A run whose gradients become non-finite (the trainer raises ``FloatingPointError``) is recorded, not
+    raised - ``{"diverged": 1.0, "error": message}``, no history - since a diverged seed is a result the claims
+    report (dropped and listed), not a crash.  One line per run is printed (``show``: the scores on it)."""
+    from .cache import cached_train
+
+    first: dict[str, object] = {}  # config key -> the first table key with that configuration
+    records, histories = {}, {}
+    for key, cfg in configs.items():
+        ck = config_key(cfg)
+        if ck in first:
+            records[key] = records[first[ck]]
+            if first[ck] in histories:
+                histories[key] = histories[first[ck]]
+            continue
+        first[ck] = key
+        name = " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
+        try:
+            run = cached_train(cfg, data.pretrain, monitors=monitors(cfg) if callable(monitors) else monitors,
+                               step_monitors=step_monitors, tag=tag)
+        except FloatingPointError as err:
+            records[key] = {"diverged": 1.0, "error": str(err)}
+            print(f"{name}: DIVERGED - {err}")
+            continue
+        scores = evaluate_encoder(run.backbone, data.splits, n_episodes=n_episodes, seed=cfg.seed,
+                                  device=cfg.resolved_device(), shots=shots)
+        rec = {**scores, "diverged": 0.0, **history_stats(run.history, stats, missing=missing),
+               **(summary(run.history) if summary else {}), "cached": run.cached, "folder": str(run.out_dir)}
+        records[key], histories[key] = rec, run.history
+        print(f"{name}: " + "  ".join(f"{m} {rec[m]:.3f}" for m in show if m in rec)
+              + f"  ({'cache' if run.cached else 'trained'}, {rec['train_s_per_epoch']:.1f} s/epoch)")
+    return records, histories
+
+
+def run_rows(records: Mapping, names: Sequence[str], columns: Sequence[str] | None = None) -> list[dict]:
+    """One row per run of ``records`` (:func:`train_and_evaluate`'s): the parts of its key under ``names`` (a
+    string key fills one name), then ``columns`` of its record - NaN where the record has none, as for a diverged
+    run's accuracies, so that the seed is dropped by the claims and the means, not lost - or, with ``columns`` None,
+    every entry of the record except ``folder`` and ``error``."""
+    rows = []
+    for key, rec in records.items():
+        parts = key if isinstance(key, tuple) else (key,)
+        if len(parts) != len(names):
+            raise ValueError(f"names: {list(names)} do not name the {len(parts)} part(s) of the run key {key!r}")
+        values = ({c: rec.get(c, math.nan) for c in columns} if columns is not None
+                  else {c: v for c, v in rec.items() if c not in ("folder", "error")})
+        rows.append({**dict(zip(names, parts)), **values})
+    return rows
+
+
+
 def summarize(rows: list[dict], by: list[str], metrics: list[str]) -> "pandas.DataFrame":  # noqa: F821
     """Mean and 95% CI over seeds of ``metrics`` per group ``by``; columns ``<metric>`` and ``<metric>_ci95``."""
     import pandas as pd
@@ -115,11 +300,6 @@ def summarize(rows: list[dict], by: list[str], metrics: list[str]) -> "pandas.Da
         rec["seeds"] = int(len(group))
         out.append(rec)
     return pd.DataFrame(out)
-
-
-def config_key(cfg: TrainConfig) -> str:
-    """A configuration's identity: its fields as sorted JSON (grid entries with equal keys are one training run)."""
-    return json.dumps(cfg.to_dict(), sort_keys=True)
 
 
 def run_grid(configs: dict, train: Callable, score: Callable, *, names: Sequence[str] = ("group", "label", "seed"),
@@ -255,11 +435,72 @@ def subset_tag(ops: Iterable[str]) -> str:
     return "augment-subset:" + "+".join(_check_ops(ops))
 
 
-def train_augment_subset(cfg, data, ops: Sequence[str], *, tag: str = "", monitors: tuple = ()):
-    """:func:`bilevel_ssl.cache.cached_train` of ``cfg`` with the augmentation subset ``ops`` of Table 4 on top of
-    its preset (``augment_args`` from :func:`subset_args`, merged over any the config already has); the subset is
-    part of the configuration, hence of the cache key."""
-    from .cache import cached_train
+def augment_subset_config(cfg: TrainConfig, ops: Sequence[str]) -> TrainConfig:
+    """``cfg`` with the augmentation subset ``ops`` of Table 4 on top of its preset (``augment_args`` from
+    :func:`subset_args`, merged over any the config already has): the subset is part of the configuration, hence of
+    the cache key, and the run trains like any other (:func:`train_and_evaluate`)."""
+    return dataclasses.replace(cfg, augment_args={**cfg.augment_args, **subset_args(ops, cfg.augmentation())})
 
-    args = {**cfg.augment_args, **subset_args(ops, cfg.augmentation())}
-    return cached_train(dataclasses.replace(cfg, augment_args=args), data, tag=tag, monitors=monitors)
+
+# --------------------------------------------------------------------------------------------------------------------
+# do two engines compute the same hypergradient? (notebook 13)
+
+def meta_step_gradients(cfg: TrainConfig, images: torch.Tensor, *, view_seed: int = 0, state: dict | None = None,
+                        dtype: torch.dtype = torch.float32) -> dict:
+    """The gradients one step of ``cfg``'s meta-method writes into ``.grad`` (``compute_grads``) on one batch.
+
+    The batch: ``images`` (uint8, e.g. the first batch of the pre-training images) with the views the method needs
+    drawn by ``cfg``'s augmentation from a generator seeded ``view_seed`` - the same views for every configuration.
+    The network is built as training builds it (:func:`bilevel_ssl.trainer.build_net` seeds torch with ``cfg.seed``:
+    every configuration of a seed starts from the same network and meta-network); ``state = {"net": ..., "meta":
+    ...}`` (e.g. a trainer checkpoint's, without its engine state) is loaded on top.  Network and meta-network are
+    cast to ``dtype`` (float64 separates an engine's approximation error from float32 rounding).  Returns
+    ``theta`` (every network parameter) and ``meta`` (the method's own parameters: GeSSL's g) as flat float64 CPU
+    vectors, and the ``seconds`` the step took."""
+    from .meta import make_meta
+    from .trainer import build_net
+
+    net, objective = build_net(cfg, images.shape[1], images.shape[-1])
+    method = make_meta(cfg.meta, objective, net, cfg)
+    if state is not None:
+        net.load_state_dict(state["net"])
+        method.load_state_dict(state["meta"])
+    views = make_views(images.float().div(255), method.n_views, cfg.augmentation(),
+                       torch.Generator().manual_seed(view_seed))
+    dev = cfg.resolved_device()
+    net.to(dev, dtype)
+    for module in method._own.values():  # the meta-networks (GeSSL's g), registered by BiLevelMethod.own
+        module.to(dev, dtype)
+    t0 = time.perf_counter()
+    method.compute_grads(net, [v.to(dev, dtype) for v in views])
+    seconds = time.perf_counter() - t0
+    flat = lambda ps: torch.cat([p.grad.flatten() for p in ps]).double().cpu()  # noqa: E731
+    return {"theta": flat(net.parameters()), "meta": flat(method.meta_parameters()), "seconds": seconds}
+
+
+def gradient_agreement(estimate: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Cosine similarity and relative error ‖ĥ − h‖ / ‖h‖ of a gradient estimate ĥ against a reference h: the
+    cosine says whether a step goes the same way, the relative error also whether it is as long."""
+    cos = torch.nn.functional.cosine_similarity(estimate, reference, dim=0)
+    return {"cos": float(cos), "rel_err": float((estimate - reference).norm() / reference.norm())}
+
+
+def compare_meta_gradients(configs: Mapping[str, TrainConfig], reference: TrainConfig, images: torch.Tensor, *,
+                           view_seed: int = 0, state: dict | None = None, dtype: torch.dtype = torch.float32,
+                           meta: str = "g") -> list[dict]:
+    """One row per ``{label: TrainConfig}``: how its step's θ- and meta-gradients (:func:`meta_step_gradients` on
+    ``images`` at ``state`` in ``dtype``) agree with those of ``reference`` on the same batch, state and dtype:
+    ``theta_cos``, ``theta_rel_err``, ``<meta>_cos``, ``<meta>_rel_err`` (:func:`gradient_agreement`), both norms
+    and the step's seconds.  The configurations should share the seed, the network and the meta-method and differ
+    in the engine (or its options): notebook 13 compares every engine with the exact ``second_order``."""
+    kw = dict(view_seed=view_seed, state=state, dtype=dtype)
+    ref = meta_step_gradients(reference, images, **kw)
+    rows = []
+    for label, cfg in configs.items():
+        est = meta_step_gradients(cfg, images, **kw)
+        a_t, a_m = gradient_agreement(est["theta"], ref["theta"]), gradient_agreement(est["meta"], ref["meta"])
+        rows.append({"label": label, "theta_cos": a_t["cos"], "theta_rel_err": a_t["rel_err"],
+                     f"{meta}_cos": a_m["cos"], f"{meta}_rel_err": a_m["rel_err"],
+                     "theta_norm": float(est["theta"].norm()), f"{meta}_norm": float(est["meta"].norm()),
+                     "seconds": est["seconds"]})
+    return rows

@@ -56,13 +56,17 @@ def savefig(fig, path: str | Path) -> Path:
 # ------------------------------------------------------------------------------- figures of the claim notebooks
 
 def fd_step_plot(sweep, points, dtypes):
-    """Notebook 13: relative error of ``aid_fd`` against ``second_order`` over ``fd_r``, one panel per point."""
+    """Notebook 13: relative error of ``aid_fd`` against ``second_order`` over ``fd_r``, one panel per point; the
+    dotted line marks the engine's default ``fd_r`` (read from :mod:`bilevel_ssl.hypergrad`, not restated here)."""
+    from .hypergrad import make_engine
+
+    default = make_engine("aid_fd").fd_r
     fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 3.6), dpi=100, squeeze=False)
     for ax, point in zip(axes[0], points):
         for (dname, part), style in zip([(d, p) for d in dtypes for p in ("theta", "g")], ["o-", "s--", "o:", "s-."]):
             s = sweep[(sweep.point == point) & (sweep.dtype == dname)]
             ax.loglog(s.fd_r, s[f"{part}_rel_err"], style, ms=4, label=f"{part}-gradient, {dname}")
-        ax.axvline(0.01, color="k", lw=0.7, ls=":", label="library default fd_r = 0.01")
+        ax.axvline(default, color="k", lw=0.7, ls=":", label=f"library default fd_r = {default:g}")
         ax.axhline(1.0, color="grey", lw=0.7)
         ax.set(xlabel="fd_r", ylabel="relative error vs second_order", title=f"aid_fd at the {point} point")
         ax.legend(fontsize=7)
@@ -346,3 +350,75 @@ def smoothed(y, w: int):
     if w <= 1 or len(y) < w:
         return y
     return np.convolve(y, np.ones(w) / w, mode="valid")
+
+
+# ------------------------------------------------------------------------------- TC² Fig. 1 (notebook 20)
+
+def gain_bars(gains, *, title: str = "", ylabel: str = "accuracy gain (same seed)"):
+    """Bars of paired per-seed gains, one colour per metric (``gains``: index ``seed``, one column per metric), and
+    the zero line: how often and by how much a method beats its base seed by seed (TC² Fig. 1a)."""
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(gains) + 2), 3.4), dpi=100)
+    long = gains.reset_index().melt(id_vars="seed", var_name="metric", value_name="gain")
+    sns.barplot(data=long, x="seed", y="gain", hue="metric", ax=ax)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(title=title, ylabel=ylabel, xlabel="seed")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def _method_style(method: str, others: list[str]) -> tuple[dict, str]:
+    """Line style and marker of a notebook-20 method id: ``base`` grey dashed, ``sum`` (base+T) wide and pale - under
+    the others, so that a baseline that never fires (PCGrad without conflicts) is seen lying on top of it -, ``tc2``
+    red, any other (a gradient-surgery baseline) dotted in its own colour."""
+    fixed = {"base": (dict(color="0.45", ls="--", lw=1.0), "s"), "sum": (dict(color="C1", lw=3.0, alpha=0.45), "o"),
+             "tc2": (dict(color="C3", lw=1.3), "D")}
+    return fixed.get(method) or (dict(color=f"C{others.index(method) + 4}", ls=":", lw=1.6), "x")
+
+
+def cosine_curves(curves: dict, panels: dict, labels: dict, *, smooth: int = 1,
+                  ylabel: str = "cosine of the task gradients (encoder)"):
+    """TC² Fig. 1b-c: one panel per ``panels = {title: seed}``, a line per method of ``labels = {method id: name}``
+    (drawing order) whose run of that seed has a curve ``curves[(method, seed)] = (steps, cosines)`` - the per-step
+    cosine of the task gradients, as a running mean over ``smooth`` measurements (:func:`smoothed`, plotted at the
+    steps that end each window) - and the zero line (below it the tasks conflict)."""
+    others = [m for m in labels if m not in ("base", "sum", "tc2")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), dpi=100, squeeze=False, sharey=True)
+    for ax, (title, seed) in zip(axes[0], panels.items()):
+        for method, name in labels.items():
+            if (method, seed) not in curves:
+                continue
+            steps, cos = curves[(method, seed)]
+            ys = smoothed(cos, smooth)
+            ax.plot(steps[len(steps) - len(ys):], ys, label=name, **_method_style(method, others)[0])
+        ax.axhline(0, color="k", lw=0.7)
+        ax.set(title=title, xlabel="training step", ylabel=ylabel)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def conflict_scatter(runs, gains, labels: dict, *, metric: str, split: str = "sum"):
+    """TC² Fig. 1 (ii), "less conflict, better transfer?": ``metric`` against the mean task-gradient cosine of every
+    run (left; ``runs``: one row per run with ``method``, ``seed``, ``mean_cos`` and ``metric``), and the per-seed
+    gain of the ``split`` runs over their base (``gains[metric]``, index seed) against that run's mean cosine, seeds
+    annotated (right)."""
+    others = [m for m in labels if m not in ("base", "sum", "tc2")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), dpi=100)
+    for method, name in labels.items():
+        r = runs[runs.method == method]
+        style, marker = _method_style(method, others)
+        axes[0].scatter(r["mean_cos"], r[metric], label=name, s=28, marker=marker, color=style["color"])
+    axes[0].set(xlabel="mean gradient cosine over training", ylabel=metric, title="accuracy vs conflict, every run")
+    axes[0].legend(fontsize=7)
+    cos = runs[runs.method == split].set_index("seed")["mean_cos"].reindex(gains.index)
+    axes[1].scatter(cos, gains[metric], color="C1")
+    for s in gains.index:
+        axes[1].annotate(str(s), (cos[s], gains.loc[s, metric]), fontsize=7)
+    axes[1].axhline(0, color="k", lw=0.7)
+    axes[1].set(xlabel=f"mean gradient cosine of the {labels[split]} run", ylabel=f"gain in {metric}",
+                title="Fig. 1 (ii): less conflict, better transfer?")
+    fig.tight_layout()
+    return fig

@@ -93,3 +93,14 @@ def table_structure(table) -> str:
     if isinstance(table.index, pd.MultiIndex):
         lines[1] = f"rows ({' / '.join(map(str, table.index.names))}): " + lines[1][len("rows: "):]
     return "\n".join(lines)
+
+
+def table_results(table) -> dict[str, dict[str, float]]:
+    """``results`` of ``metrics.json`` from a results table: one entry per row, named by its index labels joined by
+    spaces (numbers as ``:g``: ``("engine", "aid_fd")`` -> ``"engine aid_fd"``, the run names of
+    :func:`bilevel_ssl.claims.from_wide`), with every column as a float."""
+    def name(idx) -> str:
+        parts = idx if isinstance(idx, tuple) else (idx,)
+        return " ".join(f"{p:g}" if isinstance(p, (float, np.floating)) else str(p) for p in parts)
+
+    return {name(idx): {str(k): float(v) for k, v in row.items()} for idx, row in table.iterrows()}
