@@ -9,7 +9,7 @@ from torch.func import functional_call
 from bilevel_ssl.config import ConfigError, TrainConfig
 from bilevel_ssl.gessl import GeSSL, cosine_distance_matrix, disc_loss
 from bilevel_ssl.meta import SSLNet
-from bilevel_ssl.models import MLPHead, make_backbone
+from bilevel_ssl.models import make_backbone
 from bilevel_ssl.objectives import make_objective, nt_xent
 from bilevel_ssl.trainer import CHECKPOINT, train
 

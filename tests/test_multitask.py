@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bilevel_ssl.config import ConfigError, TrainConfig
 from bilevel_ssl.meta import SSLNet, make_meta
-from bilevel_ssl.multitask import MultiTask, graddrop, gradvac, pcgrad
+from bilevel_ssl.multitask import graddrop, gradvac, pcgrad
 from bilevel_ssl.objectives import make_objective
 from bilevel_ssl.trainer import train
 

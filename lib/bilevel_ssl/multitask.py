@@ -28,7 +28,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from .conflict import check_n_tasks, conflict_summary, cosine_matrix, flatten, task_gradients, task_losses
