@@ -25,6 +25,7 @@ def test_make_config_applies_recipe_and_inner_lr():
     own = make_config("barlow_twins", meta="gessl", meta_args={"inner_lr": 0.3}, epochs=2)
     assert own.meta_args["inner_lr"] == 0.3  # an explicit value wins over the recipe
     assert make_config("vicreg").lr == RECIPES["vicreg"]["lr"]
+    assert make_config("vicreg", optimizer="adam", lr=1e-3).lr == 1e-3  # the recipe's lr is an SGD one
     # a single-level multi-task baseline has no inner step: the recipe's inner_lr is not passed (it would be refused)
     multi = make_config("barlow_twins", meta="multitask", meta_args={"n_tasks": 2, "combine": "pcgrad"})
     assert multi.meta_args == {"n_tasks": 2, "combine": "pcgrad"}
@@ -286,3 +287,29 @@ def test_compare_meta_gradients_of_gessl_engines(tiny):
     assert not torch.equal(g["theta"], meta_step_gradients(ref, images, view_seed=2)["theta"])
     assert not torch.equal(g["theta"], meta_step_gradients(ref, images, view_seed=1, dtype=torch.float64)["theta"])
     assert g["theta"].dtype == torch.float64 and g["meta"].numel() > 0  # returned as float64 either way
+
+
+def test_run_monitors_do_not_change_training_and_name_what_they_log(mnistm, tiny):
+    """The GeSSL notebooks share runs through one monitor set (RunMonitors): a monitored run must train exactly the
+    weights of an unmonitored one, and its history must hold what the tag names."""
+    from bilevel_ssl.data import make_splits
+    from bilevel_ssl.experiments import RunMonitors
+    from bilevel_ssl.trainer import train
+
+    data = Data(mnistm, make_splits(mnistm, novel_classes=5), tiny)
+    mon = RunMonitors.of(data, probe_images=16)
+    assert mon.tag == "knn-monitor+probe-loss16+grad-norm"
+    cfg = make_config("simclr", meta="gessl", meta_args={"m": 2}, epochs=2, batch_size=32,
+                      backbone_args={"width": 8})
+    plain = train(cfg, data.pretrain)
+    kw = mon(cfg)
+    assert kw["tag"] == mon.tag and len(kw["monitors"]) == 2 and len(kw["step_monitors"]) == 1
+    watched = train(cfg, data.pretrain, monitors=kw["monitors"], step_monitors=kw["step_monitors"])
+    for (name, a), b in zip(plain.net.state_dict().items(), watched.net.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert {"monitor_knn", "probe_loss", "grad_norm"} <= set(watched.history[-1])
+    assert "probe_loss" not in plain.history[-1]
+    # a teacher objective has no probe loss: the 5-NN monitor only, the same tag
+    assert len(mon(make_config("byol"))["monitors"]) == 1
+    with pytest.raises(ValueError, match="probe_images: must be >= 1, got 0"):
+        RunMonitors.of(data, probe_images=0)

@@ -44,23 +44,27 @@ GESSL = ["10_gessl_universality", "11_gessl_sensitivity", "12_gessl_tsne", "13_g
          "14_gessl_efficiency_stability"]
 # keys that enter the TrainConfig (the training-cache key) or the training data of the runs 10-14 share
 GESSL_SHARED = ("dataset", "data_root", "novel_classes", "test_fraction", "max_train", "seeds", "epochs",
-                "batch_size", "lr", "hypergrad", "gessl_args", "backbone", "backbone_args", "monitor", "device")
+                "batch_size", "lr", "optimizer", "weight_decay", "hypergrad", "gessl_args", "backbone",
+                "backbone_args", "monitor", "device")
+SHARING_PROFILES = ("default", "gpu", "paper")  # the profiles whose GeSSL runs are meant to be shared
 
 
-def _paper(name):
-    return load_params(params_path(name, "paper"))
+def _profile(name, profile="paper"):
+    return load_params(params_path(name, profile))
 
 
-def test_gessl_paper_profiles_share_their_runs():
+@pytest.mark.parametrize("profile", SHARING_PROFILES)
+def test_gessl_profiles_share_their_runs(profile):
     """Notebooks 10-14 build the same base / GeSSL runs from these keys: equal values, one cache entry per run
     (``{}`` and ``{small_stem: true}`` build the same ResNet-18 but are different cache keys)."""
-    profiles = {n: _paper(n) for n in GESSL}
+    profiles = {n: _profile(n, profile) for n in GESSL}
     for key in GESSL_SHARED:
         values = {n: p[key] for n, p in profiles.items() if key in p}
         assert len(values) >= 4, f"{key}: in too few GeSSL profiles: {sorted(values)}"
         assert len({repr(v) for v in values.values()}) == 1, f"{key} differs between the GeSSL paper profiles: {values}"
     hypergrad = profiles["10_gessl_universality"]["hypergrad"]
-    assert hypergrad == "aid_fd"  # the paper's engine (GeSSL App. G.4)
+    if profile == "paper":
+        assert hypergrad == "aid_fd"  # the paper's engine (GeSSL App. G.4)
     assert hypergrad in profiles["14_gessl_efficiency_stability"]["engines"]  # 14 has no hypergrad key
     assert hypergrad in profiles["13_gessl_bilevel_ablation"]["engines"]
     bases = profiles["10_gessl_universality"]["bases"]
@@ -68,15 +72,19 @@ def test_gessl_paper_profiles_share_their_runs():
     assert all(profiles[n]["base"] in bases for n in GESSL if "base" in profiles[n])
 
 
-def test_gessl_paper_profiles_build_the_same_configuration():
+@pytest.mark.parametrize("profile", SHARING_PROFILES)
+def test_gessl_profiles_build_the_same_configuration(profile):
     """The centre GeSSL run of every notebook 10-14, built the way the notebooks build it, is one TrainConfig."""
     from bilevel_ssl.experiments import make_config
 
+    engine = _profile("10_gessl_universality", profile)["hypergrad"]
+
     def centre(name):
-        p = _paper(name)
-        hypergrad = p.get("hypergrad", "aid_fd" if "aid_fd" in p.get("engines", {}) else None)
+        p = _profile(name, profile)
+        hypergrad = p.get("hypergrad", engine if engine in p.get("engines", {}) else None)
         return make_config("simclr", meta="gessl", dataset=p["dataset"], seed=p["seeds"][0], epochs=p["epochs"],
-                           batch_size=p["batch_size"], lr=p["lr"], backbone=p["backbone"],
+                           batch_size=p["batch_size"], lr=p["lr"], optimizer=p["optimizer"],
+                           weight_decay=p["weight_decay"], backbone=p["backbone"],
                            backbone_args=p["backbone_args"], meta_args=p["gessl_args"], hypergrad=hypergrad,
                            device=p["device"])
 

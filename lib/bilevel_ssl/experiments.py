@@ -81,12 +81,15 @@ def make_config(objective: str, *, meta: str = "none", dataset: str = "mnistm5k"
                 hypergrad: str = "second_order", hypergrad_args: dict | None = None, device: str = "cpu",
                 recipes: dict | None = None) -> TrainConfig:
     """The :class:`TrainConfig` of one run: the shared recipe, then the objective's entry of ``recipes``
-    (default :data:`RECIPES`), then - for a ``meta`` other than ``none`` - ``meta_args``, with the objective's
+    (default :data:`RECIPES`; its ``lr`` only with ``optimizer="sgd"``, being an SGD learning rate), then - for a
+    ``meta`` other than ``none`` - ``meta_args``, with the objective's
     ``inner_lr`` unless ``meta_args`` sets one if the method takes an inner step (a bi-level method: GeSSL, TC²,
     MCR; not the single-level multi-task baselines, which have no inner step size).  Validated on construction
     (bad values name the key)."""
     recipe = dict((RECIPES if recipes is None else recipes).get(objective, {}))
     inner_lr = recipe.pop("inner_lr", None)
+    if optimizer != "sgd":  # a recipe's lr is an SGD learning rate (0.03 for VICReg): Adam's scale is another
+        recipe.pop("lr", None)
     fields = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, **recipe}
     margs = {}
     if meta != "none":
@@ -152,6 +155,51 @@ def probe_loss_monitor(cfg: TrainConfig, images: torch.Tensor):
         return {"probe_loss": float(loss)}
 
     return monitor
+
+
+GESSL_PROBE_IMAGES = 256  # images of the probe-loss monitor of the GeSSL notebooks' shared runs
+
+
+@dataclass(frozen=True)
+class RunMonitors:
+    """The monitors every GeSSL notebook (10-14) trains with, as the keyword arguments of
+    :func:`bilevel_ssl.cache.cached_train` for one run (``RunMonitors(...)(cfg)``): the 5-NN of
+    :func:`knn_monitor` after every epoch, the base loss on fixed views of the first ``probe_images`` pre-training
+    images (:func:`probe_loss_monitor`; none for an objective with a teacher network) after every epoch, and the
+    gradient norm of every step (:func:`bilevel_ssl.trainer.grad_norm_monitor`).
+
+    Why one set: a monitor's numbers live in the cached history, so the cache key names the monitors (``tag``) and
+    two notebooks share a run only if they monitor it alike.  With one set, the base and +GeSSL runs of notebook 10
+    are the centre of notebook 11, the runs of notebook 12 and the second-order runs of notebooks 13 and 14: the
+    default reproduction trains each of them once.  Monitors read the network in eval mode and draw views from their
+    own generators, so a run's weights do not depend on them (``tests/test_experiments.py`` checks it)."""
+
+    splits: Splits
+    images: torch.Tensor  # the probe-loss images (uint8)
+    device: str = "cpu"
+
+    @classmethod
+    def of(cls, data: "Data", *, device: str = "cpu", probe_images: int = GESSL_PROBE_IMAGES) -> "RunMonitors":
+        if probe_images < 1:
+            raise ValueError(f"probe_images: must be >= 1, got {probe_images}")
+        return cls(data.splits, data.pretrain.images[:probe_images], device)
+
+    @property
+    def tag(self) -> str:
+        return f"knn-monitor+probe-loss{len(self.images)}+grad-norm"
+
+    def epoch_monitors(self, cfg: TrainConfig) -> tuple:
+        from .objectives import make_objective
+
+        knn = knn_monitor(self.splits, device=self.device)
+        if make_objective(cfg.objective, **cfg.objective_args).teacher_momentum(0.0) is not None:
+            return (knn,)  # BYOL-like: its loss reads the teacher, so no probe loss
+        return knn, probe_loss_monitor(cfg, self.images)
+
+    def __call__(self, cfg: TrainConfig) -> dict:
+        from .trainer import grad_norm_monitor
+
+        return {"monitors": self.epoch_monitors(cfg), "step_monitors": (grad_norm_monitor,), "tag": self.tag}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -222,10 +270,12 @@ def train_and_evaluate(configs: Mapping, data: Data, *, n_episodes: int = 300, s
                        stats: Mapping[str, tuple[str, str]] | None = None, missing: Mapping[str, float] | None = None,
                        summary: Callable[[list[dict]], dict] | None = None,
                        monitors: tuple | Callable[[TrainConfig], tuple] = (), step_monitors: tuple = (), tag: str = "",
+                       run_monitors: Callable[[TrainConfig], dict] | None = None,
                        show: Sequence[str] = ("linear_acc", "knn_acc", "fewshot_5w5s_acc")) -> tuple[dict, dict]:
     """Pre-train every distinct configuration of ``configs = {key: TrainConfig}`` once on ``data.pretrain`` - or
     load it from the encoder cache (:func:`bilevel_ssl.cache.cached_train` with ``monitors``, ``step_monitors`` and
-    ``tag``; ``monitors`` may be a function of the run's config, for a monitor built per run) - and score its
+    ``tag``; ``monitors`` may be a function of the run's config, for a monitor built per run; ``run_monitors``, e.g.
+    a :class:`RunMonitors`, gives all three per run instead) - and score its
     frozen backbone with the standard protocol (:func:`bilevel_ssl.evaluate.evaluate_encoder`, seed = the run's
     seed; few-shot with ``shots``, none for ``()``).
 
@@ -253,8 +303,9 @@ def train_and_evaluate(configs: Mapping, data: Data, *, n_episodes: int = 300, s
         first[ck] = key
         name = " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
         try:
-            run = cached_train(cfg, data.pretrain, monitors=monitors(cfg) if callable(monitors) else monitors,
-                               step_monitors=step_monitors, tag=tag)
+            kw = run_monitors(cfg) if run_monitors is not None else dict(
+                monitors=monitors(cfg) if callable(monitors) else monitors, step_monitors=step_monitors, tag=tag)
+            run = cached_train(cfg, data.pretrain, **kw)
         except FloatingPointError as err:
             records[key] = {"diverged": 1.0, "error": str(err)}
             print(f"{name}: DIVERGED - {err}")
