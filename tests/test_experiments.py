@@ -313,3 +313,52 @@ def test_run_monitors_do_not_change_training_and_name_what_they_log(mnistm, tiny
     assert len(mon(make_config("byol"))["monitors"]) == 1
     with pytest.raises(ValueError, match="probe_images: must be >= 1, got 0"):
         RunMonitors.of(data, probe_images=0)
+
+
+def test_validation_data_holds_out_part_of_the_training_images_only(mnistm):
+    from bilevel_ssl.data import make_splits
+    from bilevel_ssl.experiments import validation_data
+
+    splits = make_splits(mnistm, novel_classes=5)
+    full = validation_data(Data(mnistm, splits, splits.train), 0.2)
+    fit, val = full.splits.train, full.splits.test
+    assert len(fit) + len(val) == len(splits.train) and abs(len(val) - 0.2 * len(splits.train)) <= 5
+    train_rows = {x.numpy().tobytes() for x in splits.train.images}
+    fit_rows = {x.numpy().tobytes() for x in fit.images}
+    val_rows = {x.numpy().tobytes() for x in val.images}
+    assert not fit_rows & val_rows and (fit_rows | val_rows) <= train_rows  # disjoint, inside the train split
+    assert sorted(set(val.labels.tolist())) == splits.base_classes  # stratified: every base class validated
+    assert full.splits.novel is splits.novel and full.pretrain is fit  # novel classes untouched; no test image
+    capped = validation_data(Data(mnistm, splits, splits.train.subset(torch.arange(500))), 0.2)
+    assert len(capped.pretrain) == 400 and len(capped.splits.test) == len(val)
+    with pytest.raises(ValueError, match="validation_fraction: must be in"):
+        validation_data(full, 1.0)
+
+
+def test_select_on_validation_picks_the_best_finite_score(monkeypatch, tiny):
+    import types
+
+    import bilevel_ssl.cache as cache
+    import bilevel_ssl.protocol as protocol
+    from bilevel_ssl.data import make_splits
+    from bilevel_ssl.experiments import select_on_validation
+
+    data = Data(tiny, make_splits(tiny, novel_classes=2), tiny)
+    score = {0.01: 0.5, 0.1: 0.7, 1.0: float("inf"), 0.3: 0.7}  # inf: diverges
+
+    def fake_train(cfg, images, **kw):
+        if score[cfg.meta_args["inner_lr"]] == float("inf"):
+            raise FloatingPointError("non-finite gradient")
+        return types.SimpleNamespace(backbone=cfg.meta_args["inner_lr"], cached=False)
+
+    monkeypatch.setattr(cache, "cached_train", fake_train)
+    monkeypatch.setattr(protocol, "knn", lambda backbone, splits, device="cpu": score[backbone])
+    cands = {a: make_config("simclr", meta="gessl", meta_args={"inner_lr": a}) for a in (0.01, 0.1, 1.0, 0.3)}
+    sel = select_on_validation("gessl_args.inner_lr", cands, data)
+    assert sel.chosen == 0.1 and math.isnan(sel.scores[2])  # 0.3 ties 0.1 and is listed later; 1.0 diverged
+    assert "**not** the validation choice (0.1)" in sel.markdown(used=0.3) and "diverged" in sel.markdown()
+    assert sel.frame()["chosen"].sum() == 1 and sel.as_dict()["chosen"] == 0.1
+    with pytest.raises(ValueError, match="share one seed"):
+        select_on_validation("x", {1: make_config("simclr", seed=0), 2: make_config("simclr", seed=1)}, data)
+    with pytest.raises(FloatingPointError, match="every candidate diverged"):
+        select_on_validation("gessl_args.inner_lr", {1.0: cands[1.0]}, data)

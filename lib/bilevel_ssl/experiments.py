@@ -26,7 +26,7 @@ import torch
 
 from .augment import AugmentConfig, make_views, preset
 from .config import TrainConfig
-from .data import AUGMENT_PRESET, ImageSet, Splits, load_dataset, make_splits
+from .data import AUGMENT_PRESET, ImageSet, Splits, load_dataset, make_splits, stratified_split
 from .evaluate import evaluate_encoder, extract_features, knn_accuracy, mean_ci95
 
 # Small-scale recipes on Conv-4 (the zoo notebook's sizes): objective options and the optimiser fields where
@@ -63,6 +63,101 @@ def prepare(dataset: str = "mnistm5k", *, novel_classes: int = 5, test_fraction:
         keep = torch.randperm(len(pretrain), generator=torch.Generator().manual_seed(0))[:max_train]
         pretrain = pretrain.subset(keep)
     return Data(ds, splits, pretrain)
+
+
+def validation_data(data: Data, fraction: float = 0.2) -> Data:
+    """A validation split inside the *training* classes' training images, for choosing a hyper-parameter without
+    touching the test split or the novel classes (issue #25): ``data.splits.train`` is cut stratified (seed 0) into a
+    fit part - pre-training images and 5-NN memory, ``splits.train`` - and a validation part - the 5-NN queries,
+    ``splits.test``.  A capped pre-training set (``max_train``) stays capped in proportion: a fixed random subset of
+    the fit part of ``(1 - fraction)`` times its size."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation_fraction: must be in (0, 1), got {fraction}")
+    train = data.splits.train
+    fit, val = stratified_split(train.labels, fraction, 0)
+    splits = Splits(train.subset(torch.as_tensor(fit), f"{train.name}/fit"),
+                    train.subset(torch.as_tensor(val), f"{train.name}/validation"),
+                    data.splits.novel, data.splits.base_classes, data.splits.novel_classes)
+    pretrain = splits.train
+    if len(data.pretrain) < len(train):  # capped: keep the same share of the fit part
+        keep = max(1, round(len(data.pretrain) * (1.0 - fraction)))
+        pretrain = pretrain.subset(torch.randperm(len(pretrain), generator=torch.Generator().manual_seed(0))[:keep])
+    return Data(data.dataset, splits, pretrain)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A hyper-parameter chosen on the validation split (:func:`select_on_validation`): the candidates, their
+    validation score (NaN: the run diverged), the winner."""
+
+    option: str  # what was chosen, e.g. "gessl_args.inner_lr"
+    values: tuple
+    scores: tuple  # validation 5-NN accuracy per value
+    chosen: object
+    fit_images: int
+    validation_images: int
+    seed: int
+    metric: str = "knn_acc"
+
+    def frame(self):
+        import pandas as pd
+
+        return pd.DataFrame({self.option: list(self.values), f"validation {self.metric}": list(self.scores),
+                             "chosen": [v == self.chosen for v in self.values]}).set_index(self.option)
+
+    def markdown(self, used=None) -> str:
+        """One paragraph: the candidates and scores, the choice and - given the value the runs use - whether the
+        runs use the choice."""
+        cands = ", ".join(f"{v:g}: {s:.3f}" if math.isfinite(s) else f"{v:g}: diverged"
+                          for v, s in zip(self.values, self.scores))
+        text = (f"**{self.option} chosen on validation**: {self.chosen:g} (5-NN on a validation split of the training "
+                f"classes - {self.validation_images} images held out of the {self.fit_images + self.validation_images}"
+                f" training images, never the test split; one run per value, seed {self.seed}: {cands})")
+        if used is not None:
+            text += (f". The runs of this profile use {used:g}: " + ("the validation choice" if used == self.chosen
+                     else f"**not** the validation choice ({self.chosen:g}); set it in the params to follow the "
+                          f"protocol"))
+        return text + "."
+
+    def as_dict(self) -> dict:
+        return {"option": self.option, "values": list(self.values), "scores": list(self.scores),
+                "chosen": self.chosen, "metric": self.metric, "fit_images": self.fit_images,
+                "validation_images": self.validation_images, "seed": self.seed}
+
+
+def select_on_validation(option: str, candidates: Mapping, data: Data, *, fraction: float = 0.2,
+                         run_monitors: Callable[[TrainConfig], dict] | None = None) -> Selection:
+    """Choose among ``candidates = {value: TrainConfig}`` (all with the same seed) on :func:`validation_data`:
+    each configuration is pre-trained on the fit part (cached like every run) and scored by 5-NN of its validation
+    images against the fit images; the highest score wins, the first listed on a tie.  A run whose gradients
+    become non-finite scores NaN and is never chosen.  Float32 scores can differ in the last digits between CPUs,
+    so two candidates within noise of each other may swap on another machine; the selection prints every score."""
+    from .cache import cached_train
+    from .protocol import knn
+
+    if not candidates:
+        raise ValueError(f"{option}: no candidate value to choose from")
+    seeds = {cfg.seed for cfg in candidates.values()}
+    if len(seeds) != 1:
+        raise ValueError(f"{option}: the candidates must share one seed, got seeds {sorted(seeds)}")
+    val = validation_data(data, fraction)
+    scores = []
+    for value, cfg in candidates.items():
+        try:
+            run = cached_train(cfg, val.pretrain, **(run_monitors(cfg) if run_monitors else {}))
+        except FloatingPointError as err:
+            print(f"{option} = {value:g}: DIVERGED - {err}")
+            scores.append(float("nan"))
+            continue
+        scores.append(knn(run.backbone, val.splits, device=cfg.resolved_device()))
+        print(f"{option} = {value:g}: validation 5-NN {scores[-1]:.3f} ({'cache' if run.cached else 'trained'})")
+    finite = [i for i, sc in enumerate(scores) if math.isfinite(sc)]
+    if not finite:
+        raise FloatingPointError(f"{option}: every candidate diverged ({list(candidates)})")
+    best = max(finite, key=lambda i: (scores[i], -i))
+    values = tuple(candidates)
+    return Selection(option, values, tuple(scores), values[best], len(val.splits.train), len(val.splits.test),
+                     seeds.pop())
 
 
 def check_values(key: str, values, allowed: Iterable, why: str = "") -> None:
