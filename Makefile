@@ -12,6 +12,8 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 # machines run as root.  LAB_ARGS passes further options (e.g. --no-browser --port 8890).
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 LAB_ARGS ?=
+# PYTEST_ARGS passes further pytest options to `make test` (e.g. PYTEST_ARGS='--durations=20 -k loss').
+PYTEST_ARGS ?=
 
 .PHONY: setup reproduce test lab clean-outputs constraints
 
@@ -32,7 +34,7 @@ reproduce: $(STAMP)
 ## make test: unit tests + nbval regression of the notebooks (smoke settings)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
-		--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+		--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider $(PYTEST_ARGS)
 
 ## make lab: JupyterLab on the repo with the project's environment
 lab: $(STAMP)
