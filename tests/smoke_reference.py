@@ -15,6 +15,9 @@ metric in any notebook for a key no measurement covered, and never below ``FLOOR
     python tests/smoke_reference.py record [OUTPUTS]                   # <nb>/smoke/metrics.json -> references
     python tests/smoke_reference.py spread BASE_OUTPUTS RUN_OUTPUTS [...] # the same notebooks run under other
                                                                          # kernel sets -> spread, tolerances
+    python tests/smoke_reference.py spread-ref RUN_OUTPUTS [...]          # runs on other CPUs / kernel sets
+                                                                         # against the recorded reference values,
+                                                                         # merged into the stored spread
     python tests/smoke_reference.py check OUTPUTS                        # compare a run with the references
 
 (an ``outputs`` folder; a file ``KERNELS`` in it or beside it names the kernel set it was made with).
@@ -127,13 +130,17 @@ def record(outputs: Path = ROOT / "outputs") -> None:
     print(f"recorded {sum(map(len, values.values()))} numbers of {len(values)} notebooks -> {REFERENCE}")
 
 
-def spread(outputs: Path, runs: list[Path], *, merge: bool = False) -> None:
-    """Largest difference per metric family between ``outputs`` (this machine's kernels) and each of ``runs``
-    (the same notebooks under other kernel sets); tolerances = SAFETY x that spread.  ``merge`` keeps the larger
-    of this and the stored measurement per family (measurements of several pairs of runs add up)."""
+def spread(outputs: Path | None, runs: list[Path], *, merge: bool = False) -> None:
+    """Largest difference per metric family between ``outputs`` (this machine's kernels; None: the recorded
+    reference values, i.e. the machine and kernels that recorded them) and each of ``runs`` (the same notebooks
+    under other kernel sets or on other CPUs); tolerances = SAFETY x that spread.  ``merge`` keeps the larger of
+    this and the stored measurement per family (measurements of several pairs of runs add up)."""
     have = lambda d, nb: (d / nb / "smoke" / "metrics.json").exists()  # noqa: E731
-    base = {nb: comparable(load_metrics(outputs, nb)) for nb in _notebooks() if have(outputs, nb)}
     ref = load_reference() if REFERENCE.exists() else {"values": {}}
+    if outputs is None:
+        base = {nb: v for nb, v in ref["values"].items() if nb in _notebooks()}
+    else:
+        base = {nb: comparable(load_metrics(outputs, nb)) for nb in _notebooks() if have(outputs, nb)}
     worst: dict[str, dict[str, dict]] = {nb: dict(v) for nb, v in ref.get("spread", {}).items()} if merge else {}
     for run in runs:
         label = _kernels(run)
@@ -157,7 +164,7 @@ def spread(outputs: Path, runs: list[Path], *, merge: bool = False) -> None:
         for fam, w in f.items():
             pooled[fam] = max(pooled.get(fam, 0.0), SAFETY * w["diff"])
     ref["tolerances_any_notebook"] = dict(sorted(pooled.items()))
-    sets = [_kernels(outputs)] + [_kernels(r) for r in runs]
+    sets = ([] if outputs is None else [_kernels(outputs)]) + [_kernels(r) for r in runs]
     ref["kernel_sets"] = sorted(set(ref.get("kernel_sets", [])) | set(sets)) if merge else sets
     REFERENCE.write_text(json.dumps(ref, indent=1, sort_keys=True) + "\n")
     for nb, f in ref["spread"].items():
@@ -173,6 +180,8 @@ if __name__ == "__main__":
         merge = "--merge" in args
         args = [a for a in args if a != "--merge"]
         spread(Path(args[0]), [Path(a) for a in args[1:]], merge=merge)
+    elif cmd == "spread-ref":
+        spread(None, [Path(a) for a in args], merge=True)
     elif cmd == "check":
         ref = load_reference()
         problems = [p for nb in _notebooks() for p in differences(ref, nb, comparable(load_metrics(Path(args[0]), nb)))]
