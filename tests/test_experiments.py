@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 
 from bilevel_ssl.config import ConfigError
-from bilevel_ssl.experiments import (RECIPES, Data, augment_subset_config, check_values, compare_meta_gradients,
+from bilevel_ssl.experiments import (RECIPES, Data, recipes_with, augment_subset_config, check_values, compare_meta_gradients,
                                      config_key, conflict_stats, grad_norm_stats, gradient_agreement, history_stats,
                                      knn_monitor, make_config, meta_step_gradients,
                                      probe_loss_monitor, run_rows, summarize, train_and_evaluate)
@@ -362,3 +362,20 @@ def test_select_on_validation_picks_the_best_finite_score(monkeypatch, tiny):
         select_on_validation("x", {1: make_config("simclr", seed=0), 2: make_config("simclr", seed=1)}, data)
     with pytest.raises(FloatingPointError, match="every candidate diverged"):
         select_on_validation("gessl_args.inner_lr", {1.0: cands[1.0]}, data)
+
+
+def test_recipes_with_replaces_one_objective_option_and_keeps_the_rest():
+    recipes = recipes_with({"simclr": {"temperature": 0.1}}, ["simclr", "byol"])
+    cfg = make_config("simclr", recipes=recipes)
+    assert cfg.objective_args["temperature"] == 0.1
+    assert recipes["byol"] == RECIPES["byol"] and RECIPES["simclr"]["objective_args"]["temperature"] == 0.2
+    assert make_config("simclr", recipes=recipes_with({}, ["simclr"])) == make_config("simclr")  # {}: same run
+
+
+def test_recipes_with_names_a_bad_key():
+    with pytest.raises(ValueError, match="objective_args: 'simclrr' not allowed.*allowed: simclr"):
+        recipes_with({"simclrr": {"temperature": 0.1}}, ["simclr"])
+    with pytest.raises(ValueError, match="objective_args: 'simclr' needs a dict"):
+        recipes_with({"simclr": 0.1}, ["simclr"])
+    with pytest.raises((ValueError, ConfigError), match="temperatur"):
+        make_config("simclr", recipes=recipes_with({"simclr": {"temperatur": 0.1}}, ["simclr"]))

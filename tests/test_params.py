@@ -44,7 +44,7 @@ GESSL = ["10_gessl_universality", "11_gessl_sensitivity", "12_gessl_tsne", "13_g
          "14_gessl_efficiency_stability"]
 # keys that enter the TrainConfig (the training-cache key) or the training data of the runs 10-14 share
 GESSL_SHARED = ("dataset", "data_root", "novel_classes", "test_fraction", "max_train", "seeds", "epochs",
-                "batch_size", "lr", "optimizer", "weight_decay", "hypergrad", "gessl_args", "backbone",
+                "batch_size", "lr", "optimizer", "weight_decay", "objective_args", "hypergrad", "gessl_args", "backbone",
                 "backbone_args", "monitor", "device")
 SHARING_PROFILES = ("default", "gpu", "paper")  # the profiles whose GeSSL runs are meant to be shared
 

@@ -44,6 +44,23 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def recipes_with(objective_args: Mapping[str, Mapping], objectives: Iterable[str]) -> dict[str, dict]:
+    """:data:`RECIPES` with the base objectives' options replaced where ``objective_args`` says so - the
+    notebooks' ``objective_args`` parameter, e.g. ``{"simclr": {"temperature": 0.1}}`` (keyed by objective, since a
+    notebook may train several).  ``objectives``: the objectives the notebook trains; a key outside them is an error
+    naming it (a typo would otherwise change nothing, silently).  The option names and values themselves are
+    validated when the run's :class:`TrainConfig` is built, before anything trains."""
+    objectives = list(objectives)
+    check_values("objective_args", list(objective_args), objectives, "keys are the objectives this notebook trains")
+    out = {k: dict(v) for k, v in RECIPES.items()}
+    for obj, opts in objective_args.items():
+        if not isinstance(opts, Mapping):
+            raise ValueError(f"objective_args: {obj!r} needs a dict of options, got {opts!r}")
+        entry = out.setdefault(obj, {})
+        entry["objective_args"] = {**entry.get("objective_args", {}), **opts}
+    return out
+
+
 @dataclass
 class Data:
     dataset: ImageSet
