@@ -123,3 +123,36 @@ def test_evaluate_encoder_without_shots_skips_the_novel_classes(monkeypatch):
     seen.clear()
     out = ev.evaluate_encoder(None, splits, shots=(1,), n_episodes=3)
     assert "fewshot_5w1s_acc" in out and "fewshot_5w5s_acc" not in out and seen == [20, 10, 40]
+
+
+def test_extract_features_remembers_by_content_and_misses_on_any_change():
+    from bilevel_ssl.evaluate import extract_features
+    from bilevel_ssl.models import make_backbone
+
+    torch.manual_seed(0)
+    net = make_backbone("conv4", 3, width=4)
+    calls = []
+    net.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    x = torch.randint(0, 256, (10, 3, 28, 28), dtype=torch.uint8)
+    f1 = extract_features(net, x)
+    f2 = extract_features(net, x)
+    assert calls == [10] and np.array_equal(f1, f2)  # the second call: no forward pass
+    f2[:] = 0  # a caller's edit of its copy does not reach the memo
+    assert np.array_equal(extract_features(net, x), f1) and calls == [10]
+    extract_features(net, x, batch_size=4)  # another batching: recomputed (rounding may differ)
+    assert calls == [10, 4, 4, 2]
+    calls.clear()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(torch.rand(4, 3, 28, 28)).pow(2).sum().backward()
+    opt.step()  # a weight change (and, in train mode, BatchNorm statistics)
+    calls.clear()
+    f3 = extract_features(net, x)
+    assert calls == [10] and not np.array_equal(f3, f1)
+    with torch.no_grad():
+        next(net.parameters()).data.mul_(1.5)  # an edit through .data (no version bump): still a miss
+    f4 = extract_features(net, x)
+    assert calls == [10, 10] and not np.array_equal(f4, f3)
+    y = x.clone()
+    y[0, 0, 0, 0] ^= 1  # one bit of one image
+    extract_features(net, y)
+    assert calls == [10, 10, 10]

@@ -84,3 +84,40 @@ def test_resnet_channels_last_is_the_same_function_in_nhwc():
     assert not a.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(b(x), a(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [28, 7, 3])
+def test_cpu_max_pool_in_nhwc_is_bit_identical_to_nchw(dtype, size):
+    from bilevel_ssl.models import MaxPool2d
+
+    x = torch.randn(16, 8, size, size, dtype=dtype, generator=torch.Generator().manual_seed(size))
+    x[:, :, ::2] = 0.0  # whole windows of ReLU zeros
+    x[0, 0, 0, 0] = float("nan")  # a NaN must reach the output as in NCHW
+    x = torch.relu(x)
+    with torch.no_grad():
+        y1, y0 = MaxPool2d(2, ceil_mode=True)(x), torch.nn.MaxPool2d(2, ceil_mode=True)(x)
+    assert y1.is_contiguous()  # the caller's (NCHW) layout comes back
+    assert torch.equal(y1.nan_to_num(7.0), y0.nan_to_num(7.0)) and y1.isnan().sum() == 1
+
+
+def test_conv4_training_step_is_bit_identical_with_the_nhwc_pool():
+    from bilevel_ssl.models import MaxPool2d
+
+    torch.manual_seed(0)
+    net = make_backbone("conv4", 3, width=8).train()
+    ref = make_backbone("conv4", 3, width=8).train()
+    ref.load_state_dict(net.state_dict())
+    ref.features = torch.nn.Sequential(*[torch.nn.MaxPool2d(2, ceil_mode=True) if isinstance(m, MaxPool2d) else m
+                                         for m in ref.features])
+    assert sum(isinstance(m, MaxPool2d) for m in net.features) == 4
+    x = torch.rand(12, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for m in (net, ref):
+        loss = m(x).pow(2).mean()
+        g = torch.autograd.grad(loss, list(m.parameters()), create_graph=True)
+        hv = torch.autograd.grad(sum((gi * gi).sum() for gi in g), list(m.parameters()))  # double backward
+        grads.append([t.detach() for t in (*g, *hv)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), ref.eval()(x))

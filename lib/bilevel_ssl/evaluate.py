@@ -9,6 +9,8 @@ serves every protocol.  Classifiers come from scikit-learn.
 from __future__ import annotations
 
 import copy
+import hashlib
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -18,6 +20,31 @@ from torch import Tensor
 from .data import BatchStack, ImageSet, to_channels
 
 
+#: Recent results of :func:`extract_features`, keyed by content (see there); at most this many are kept.
+FEATURE_MEMO_SIZE = 16
+_feature_memo: "OrderedDict[str, np.ndarray]" = OrderedDict()
+
+
+def _tensor_digest(h, t: Tensor) -> None:
+    t = t.detach()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _feature_key(encoder: torch.nn.Module, images: Tensor, device, batch_size: int) -> str:
+    """What eval-mode features are a function of: the architecture (its repr and class, the flags that change the
+    rounding such as ``channels_last``), every parameter and buffer (bytes), the images (bytes), the device, the
+    batch size and the number of torch threads (CPU kernels split reductions by thread)."""
+    h = hashlib.sha256()
+    h.update(f"{type(encoder).__qualname__}|{encoder!r}|{getattr(encoder, 'channels_last', None)}|{torch.device(device)}|"
+             f"{batch_size}|{torch.get_num_threads()}|".encode())
+    for name, t in (*encoder.named_parameters(), *encoder.named_buffers()):
+        h.update(name.encode())
+        _tensor_digest(h, t)
+    _tensor_digest(h, images)
+    return h.hexdigest()
+
+
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, data: ImageSet | Tensor, *, device: str | torch.device = "cpu",
                      batch_size: int = 512) -> np.ndarray:
@@ -25,6 +52,15 @@ def extract_features(encoder: torch.nn.Module, data: ImageSet | Tensor, *, devic
 
     ``data``: an ImageSet (uint8) or a float tensor in [0, 1].  Gray/RGB is adapted to the encoder's input
     channels.  The encoder's train/eval mode is restored afterwards.
+
+    Results are remembered by content: the key is a SHA-256 of the architecture, every parameter and buffer, the
+    images, the device, the batch size and the thread count (:func:`_feature_key`), so a second call on the same
+    encoder state and images returns a copy of the same array without a forward pass, and any change of a weight
+    (an optimizer step, ``load_state_dict``, an in-place edit through ``.data``) or of an image is a miss.  Why: a
+    notebook scores each encoder with several protocols (:func:`evaluate_encoder`, the σ-measure of
+    :mod:`bilevel_ssl.universality`), each of which encoded the same three splits again - in the smoke notebooks
+    about 40% of the evaluation time.  Hashing costs ~1% of a forward pass; the last :data:`FEATURE_MEMO_SIZE`
+    results are kept.
     """
     images = data.images if isinstance(data, ImageSet) else data
     want = encoder.spec["in_channels"] if hasattr(encoder, "spec") else images.shape[1]
@@ -32,6 +68,11 @@ def extract_features(encoder: torch.nn.Module, data: ImageSet | Tensor, *, devic
         images = to_channels(images, want)
     elif images.shape[1] != want:
         images = to_channels((images * 255).round().to(torch.uint8), want)
+    key = _feature_key(encoder, images, device, batch_size)
+    if key in _feature_memo:
+        encoder.to(device)  # as a computed call would leave it
+        _feature_memo.move_to_end(key)
+        return _feature_memo[key].copy()
     was_training = encoder.training
     encoder.eval().to(device)
     feats = []
@@ -40,7 +81,11 @@ def extract_features(encoder: torch.nn.Module, data: ImageSet | Tensor, *, devic
         x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
         feats.append(encoder(x).float().cpu())
     encoder.train(was_training)
-    return torch.cat(feats).numpy()
+    out = torch.cat(feats).numpy()
+    _feature_memo[key] = out.copy()
+    while len(_feature_memo) > FEATURE_MEMO_SIZE:
+        _feature_memo.popitem(last=False)
+    return out
 
 
 def batch_features(backbone: nn.Module, images: Tensor, idx_batches, device) -> Tensor:
