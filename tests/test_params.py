@@ -106,3 +106,36 @@ def test_every_paper_profile_lists_its_deviations():
         assert header, f"params/paper/{name}.yaml: no comment block at the top"
         assert re.search(r"\bDeviations?\b", "\n".join(header)), \
             f"params/paper/{name}.yaml: the top comment block does not list the deviations ('Deviation(s)')"
+
+
+# ---------------------------------------------------------------------------------------------- objective_args
+def _code_cells(name):
+    import json
+
+    nb = json.loads((repo_root() / "notebooks" / f"{name}.ipynb").read_text())
+    return [ast.parse("".join(c["source"])) for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def _passes_recipes(call, dicts) -> bool:
+    """``recipes=`` among the call's keywords, directly or in a ``**d`` whose ``d = dict(...)`` sets it."""
+    return any(k.arg == "recipes" or (k.arg is None and isinstance(k.value, ast.Name) and "recipes" in
+                                      dicts.get(k.value.id, ())) for k in call.keywords)
+
+
+@pytest.mark.parametrize("name", [n for n in NOTEBOOKS if "objective_args" in notebook_parameters(n)
+                                  and any("make_config(" in ast.unparse(t) for t in _code_cells(n))])
+def test_objective_args_reaches_every_run(name):
+    """A notebook with the ``objective_args`` parameter that builds its runs with ``make_config`` turns it into
+    ``recipes`` (``recipes_with``, which validates the keys) and hands them to every ``make_config`` call: a call
+    without ``recipes=`` would train its run with the library's recipes, silently ignoring the parameter."""
+    nodes = [node for tree in _code_cells(name) for node in ast.walk(tree)]
+    calls = [n for n in nodes if isinstance(n, ast.Call) and getattr(n.func, "id", None) in ("make_config",
+                                                                                           "recipes_with")]
+    dicts = {n.targets[0].id: [k.arg for k in n.value.keywords] for n in nodes
+             if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and isinstance(n.value, ast.Call)
+             and getattr(n.value.func, "id", None) == "dict"}
+    built = [c for c in calls if c.func.id == "recipes_with"]
+    assert built and all(isinstance(c.args[0], ast.Name) and c.args[0].id == "objective_args" for c in built), \
+        f"{name}: objective_args is not turned into recipes by recipes_with(objective_args, ...)"
+    missing = [c.lineno for c in calls if c.func.id == "make_config" and not _passes_recipes(c, dicts)]
+    assert not missing, f"{name}: make_config without recipes= at cell line(s) {missing}"
