@@ -5,7 +5,8 @@ import ast
 import pytest
 
 from bilevel_ssl.paths import repo_root
-from bilevel_ssl.reproduce import PROFILES, list_notebooks, load_params, notebook_parameters, params_path, validate_params
+from bilevel_ssl.reproduce import (PROFILES, list_notebooks, load_params, notebook_parameters, notebooks_dir,
+                                   params_path, validate_params)
 
 NOTEBOOKS = list_notebooks()
 
@@ -112,7 +113,7 @@ def test_every_paper_profile_lists_its_deviations():
 def _code_cells(name):
     import json
 
-    nb = json.loads((repo_root() / "notebooks" / f"{name}.ipynb").read_text())
+    nb = json.loads((notebooks_dir() / f"{name}.ipynb").read_text())
     return [ast.parse("".join(c["source"])) for c in nb["cells"] if c["cell_type"] == "code"]
 
 
