@@ -12,6 +12,9 @@
   backbone returns pooled features.
 * :class:`MLPHead` - projector / predictor: Linear-BN-ReLU blocks then a final Linear.
 
+Every BatchNorm here is :class:`bilevel_ssl.batchnorm.BatchNorm2d` / ``BatchNorm1d``: ``nn.BatchNorm*d`` with the
+same forward and backward kernels and a closed-form double backward (the cost of exact hypergradients).
+
 Every backbone has ``feature_dim``.  :func:`save_encoder` / :func:`load_encoder` store only the architecture
 spec and the weights, so a trained encoder loads without the trainer, optimizer or objective.
 """
@@ -23,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from .batchnorm import BatchNorm1d, BatchNorm2d
 
 BACKBONE_OPTIONS = {"conv4": ("width", "pool_size", "channels_last"), "resnet18": ("small_stem", "channels_last"),
                     "resnet50": ("small_stem", "channels_last"),
@@ -62,7 +67,7 @@ class Conv4(nn.Module):
         layers: list[nn.Module] = []
         c = in_channels
         for _ in range(4):
-            layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), BatchNorm2d(width), nn.ReLU(inplace=True),
                        MaxPool2d(2, ceil_mode=True)]
             c = width
         self.features = nn.Sequential(*layers)
@@ -83,7 +88,7 @@ def _torchvision_resnet(name: str, in_channels: int, small_stem: bool, channels_
     return) NHWC - the fast layout for cuDNN with tensor cores (and AMP); off by default."""
     import torchvision
 
-    net = getattr(torchvision.models, name)(weights=None)
+    net = getattr(torchvision.models, name)(weights=None, norm_layer=BatchNorm2d)
     if small_stem:
         net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
@@ -129,11 +134,11 @@ class MLPHead(nn.Module):
         mods: list[nn.Module] = []
         d = in_dim
         for _ in range(layers - 1):
-            mods += [nn.Linear(d, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            mods += [nn.Linear(d, hidden_dim, bias=False), BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
             d = hidden_dim
         mods.append(nn.Linear(d, out_dim, bias=not last_bn))
         if last_bn:
-            mods.append(nn.BatchNorm1d(out_dim, affine=False))
+            mods.append(BatchNorm1d(out_dim, affine=False))
         self.net = nn.Sequential(*mods)
         self.out_dim = out_dim
 
