@@ -12,8 +12,9 @@
   backbone returns pooled features.
 * :class:`MLPHead` - projector / predictor: Linear-BN-ReLU blocks then a final Linear.
 
-Every BatchNorm here is :class:`bilevel_ssl.batchnorm.BatchNorm2d` / ``BatchNorm1d``: ``nn.BatchNorm*d`` with the
-same forward and backward kernels and a closed-form double backward (the cost of exact hypergradients).
+Every Conv2d and BatchNorm of the CNNs and heads here is :mod:`bilevel_ssl.layers`' ``Conv2d`` / ``BatchNorm*d``:
+the ``nn`` layer's forward and backward kernels and a closed-form double backward (the cost of exact
+hypergradients).
 
 Every backbone has ``feature_dim``.  :func:`save_encoder` / :func:`load_encoder` store only the architecture
 spec and the weights, so a trained encoder loads without the trainer, optimizer or objective.
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .batchnorm import BatchNorm1d, BatchNorm2d
+from .layers import BatchNorm1d, BatchNorm2d, Conv2d, adopt
 
 BACKBONE_OPTIONS = {"conv4": ("width", "pool_size", "channels_last"), "resnet18": ("small_stem", "channels_last"),
                     "resnet50": ("small_stem", "channels_last"),
@@ -67,7 +68,7 @@ class Conv4(nn.Module):
         layers: list[nn.Module] = []
         c = in_channels
         for _ in range(4):
-            layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), BatchNorm2d(width), nn.ReLU(inplace=True),
+            layers += [Conv2d(c, width, 3, padding=1, bias=False), BatchNorm2d(width), nn.ReLU(inplace=True),
                        MaxPool2d(2, ceil_mode=True)]
             c = width
         self.features = nn.Sequential(*layers)
@@ -88,7 +89,7 @@ def _torchvision_resnet(name: str, in_channels: int, small_stem: bool, channels_
     return) NHWC - the fast layout for cuDNN with tensor cores (and AMP); off by default."""
     import torchvision
 
-    net = getattr(torchvision.models, name)(weights=None, norm_layer=BatchNorm2d)
+    net = getattr(torchvision.models, name)(weights=None)
     if small_stem:
         net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
@@ -96,6 +97,7 @@ def _torchvision_resnet(name: str, in_channels: int, small_stem: bool, channels_
         net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
     net.feature_dim = net.fc.in_features
     net.fc = nn.Identity()
+    adopt(net)
     if channels_last:
         net.to(memory_format=torch.channels_last)
     return net
