@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import torch.nn.functional as F
 
-from bilevel_ssl.layers import BatchNorm1d, BatchNorm2d, Conv2d, adopt
+from bilevel_ssl.layers import BatchNorm1d, BatchNorm2d, Conv2d, MaxPool2d, adopt
 from bilevel_ssl.models import MLPHead, make_backbone
 
 CASES = [(BatchNorm2d, nn.BatchNorm2d, (6, 3, 4, 5)), (BatchNorm1d, nn.BatchNorm1d, (7, 4))]
@@ -224,3 +224,31 @@ def test_adopt_keeps_parameters_and_state_dict():
     assert [type(m) for m in net] == [Conv2d, BatchNorm2d, nn.Flatten, nn.Linear, BatchNorm1d]
     assert before.keys() == net.state_dict().keys()
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+# ---- MaxPool2d ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ceil_mode", [True, False])
+@pytest.mark.parametrize("size", [28, 7])
+def test_max_pool_training_path_is_bit_identical_to_nn_ties_included(size, ceil_mode):
+    x0 = torch.randn(6, 5, size, size, generator=torch.Generator().manual_seed(size))
+    x0[:, :, ::2] = 0.0  # whole windows of ReLU zeros: ties, where the arg-max convention matters
+    x0 = torch.relu(x0)
+    out = []
+    for pool in (MaxPool2d(2, ceil_mode=ceil_mode), nn.MaxPool2d(2, ceil_mode=ceil_mode)):
+        x = x0.clone().requires_grad_(True)
+        y = pool(x * 1.0)  # a non-leaf input, as in a network
+        v = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        (g,) = torch.autograd.grad((y * y * v).sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad((g * g).sum(), x)
+        out.append((y, g, gg))
+    assert type(out[0][0].grad_fn).__name__ == "_MaxPoolTrainBackward"  # the function of layers.py ran
+    assert out[0][0].is_contiguous()
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+def test_max_pool_double_backward_passes_gradgradcheck():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)  # distinct values: no ties
+    assert torch.autograd.gradgradcheck(lambda x: MaxPool2d(2, ceil_mode=True)(x) ** 2, (x,))

@@ -12,9 +12,9 @@
   backbone returns pooled features.
 * :class:`MLPHead` - projector / predictor: Linear-BN-ReLU blocks then a final Linear.
 
-Every Conv2d and BatchNorm of the CNNs and heads here is :mod:`bilevel_ssl.layers`' ``Conv2d`` / ``BatchNorm*d``:
-the ``nn`` layer's forward and backward kernels and a closed-form double backward (the cost of exact
-hypergradients).
+Every Conv2d, BatchNorm and Conv-4 max-pool here is :mod:`bilevel_ssl.layers`' ``Conv2d`` / ``BatchNorm*d`` /
+``MaxPool2d``: the ``nn`` layer's numbers, faster on the CPU (closed-form double backwards, the max-pool in NHWC),
+which is what exact hypergradients and the evaluation's feature extraction cost.
 
 Every backbone has ``feature_dim``.  :func:`save_encoder` / :func:`load_encoder` store only the architecture
 spec and the weights, so a trained encoder loads without the trainer, optimizer or objective.
@@ -28,34 +28,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .layers import BatchNorm1d, BatchNorm2d, Conv2d, adopt
+from .layers import BatchNorm1d, BatchNorm2d, Conv2d, MaxPool2d, adopt
 
 BACKBONE_OPTIONS = {"conv4": ("width", "pool_size", "channels_last"), "resnet18": ("small_stem", "channels_last"),
                     "resnet50": ("small_stem", "channels_last"),
                     "vit_tiny": ("image_size", "patch_size", "dim", "depth", "heads", "mlp_ratio")}
 BACKBONES = tuple(BACKBONE_OPTIONS)
-
-
-class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that pools CPU tensors without autograd in NHWC memory format and hands back the caller's
-    layout.
-
-    Why: PyTorch's CPU max-pool kernel for NCHW tensors is the slow one: on a 2-core AVX-512 CPU the first Conv-4
-    pool of a 512-image batch took 0.18 s in NCHW and 0.09 s converted to NHWC and back (0.04 s without the
-    conversions); in the notebooks' evaluation (eval-mode feature extraction of ~5000 images per run) max-pool took
-    more time than the convolutions.  Nothing else changes: the maximum of a window is exact and both kernels return
-    the same spatial arg-max index, so values, gradients and double-backward gradients are bit-identical, ties
-    included (ReLU zeros; ``tests/test_models.py`` checks all three).  CUDA tensors and tensors already in NHWC
-    (``channels_last=True``) go straight to the kernel, and so do tensors that require a gradient: with autograd
-    the two layout conversions cost more than they save (a SimCLR step 0.83 -> 1.03 s, a second-order GeSSL step
-    5.2 -> 6.0 s, median of 3 interleaved bench runs on the same loaded 2-core machine), so training is untouched.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if (x.requires_grad or x.device.type != "cpu" or x.dim() != 4
-                or x.is_contiguous(memory_format=torch.channels_last)):
-            return super().forward(x)
-        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
 class Conv4(nn.Module):
