@@ -47,28 +47,46 @@ def _pair(fast_cls, ref_cls, shape, affine, dtype=torch.float64, seed=0):
 
 
 def _second_order(module, x, forward=None, seed=1):
-    """Gradients (x, weight, bias) of a scalar that contains the module's gradient: the double backward.
-    ``forward``: another function of x computed with the module's parameters (default: the module)."""
+    """Output, gradients (x if it requires one, then the parameters) and the gradients of a scalar that contains
+    those gradients: the double backward.  ``forward``: another function of x computed with the module's
+    parameters (default: the module).  The loss is Σ y²·v so that the output gradient depends on the weights, as in
+    a network (with Σ y·v a convolution's weight gradient corr(x, v) is constant when x needs no gradient)."""
     y = (forward or module)(x)
     gen = torch.Generator().manual_seed(seed)
     v = torch.randn(y.shape, dtype=y.dtype, generator=gen)
-    params = [x, *module.parameters()]
-    grads = torch.autograd.grad((y * v).sum(), params, create_graph=True)
+    params = ([x] if x.requires_grad else []) + list(module.parameters())
+    grads = torch.autograd.grad((y * y * v).sum(), params, create_graph=True)
     s = sum((g ** 2).sum() * (i + 1) + (g * torch.randn(g.shape, dtype=g.dtype, generator=gen)).sum()
             for i, g in enumerate(grads))
     return y, grads, torch.autograd.grad(s, params, allow_unused=True, materialize_grads=True)
+
+
+def _passes_gradgradcheck(module, x) -> bool:
+    names = [n for n, _ in module.named_parameters()]
+
+    def f(x, *params):
+        return torch.func.functional_call(module, dict(zip(names, params)), (x,))
+
+    return torch.autograd.gradgradcheck(f, (x, *module.parameters()))
+
+
+def _assert_same_as_nn(fast, ref, x):
+    """Forward and first backward bit-identical to the ``nn`` layer (the same native kernels); the double backward
+    equal to float32 rounding (another formula, other summation order)."""
+    y_f, g_f, gg_f = _second_order(fast, x)
+    y_r, g_r, gg_r = _second_order(ref, x)
+    assert torch.equal(y_f, y_r)
+    for a, b in zip(g_f, g_r):
+        assert torch.equal(a, b)
+    for a, b in zip(gg_f, gg_r):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("fast_cls,ref_cls,shape", CASES)
 def test_double_backward_passes_gradgradcheck(fast_cls, ref_cls, shape, affine):
     fast, _, x = _pair(fast_cls, ref_cls, shape, affine)
-    names = [n for n, _ in fast.named_parameters()]
-
-    def f(x, *params):
-        return torch.func.functional_call(fast, dict(zip(names, params)), (x,))
-
-    assert torch.autograd.gradgradcheck(f, (x, *fast.parameters()))
+    assert _passes_gradgradcheck(fast, x)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -88,13 +106,7 @@ def test_double_backward_matches_the_definition(fast_cls, ref_cls, shape, affine
 @pytest.mark.parametrize("fast_cls,ref_cls,shape", CASES)
 def test_same_as_torch_batchnorm_forward_backward_and_running_stats(fast_cls, ref_cls, shape, affine):
     fast, ref, x = _pair(fast_cls, ref_cls, shape, affine, dtype=torch.float32)
-    y_f, g_f, gg_f = _second_order(fast, x)
-    y_r, g_r, gg_r = _second_order(ref, x)
-    assert torch.equal(y_f, y_r)
-    for a, b in zip(g_f, g_r):
-        assert torch.equal(a, b)  # the native first-backward kernel: bit-identical
-    for a, b in zip(gg_f, gg_r):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # float32, another summation order
+    _assert_same_as_nn(fast, ref, x)
     for name, buf in ref.named_buffers():
         assert torch.equal(getattr(fast, name), buf), name
 
@@ -156,37 +168,18 @@ def _conv_pair(case, dtype=torch.float64, x_grad=True, seed=0):
     return fast, ref, x, kw
 
 
-def _conv_second_order(module, x, forward=None, seed=1):
-    """As _second_order, for a convolution whose input may not require a gradient (a network's first layer)."""
-    y = (forward or module)(x)
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(y.shape, dtype=y.dtype, generator=gen)
-    params = ([x] if x.requires_grad else []) + list(module.parameters())
-    # y² so that the output gradient depends on the weights, as in a network (else gw = corr(x, v) is constant
-    # when x needs no gradient)
-    grads = torch.autograd.grad((y * y * v).sum(), params, create_graph=True)
-    s = sum((g ** 2).sum() * (i + 1) + (g * torch.randn(g.shape, dtype=g.dtype, generator=gen)).sum()
-            for i, g in enumerate(grads))
-    return y, grads, torch.autograd.grad(s, params, allow_unused=True, materialize_grads=True)
-
-
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_double_backward_passes_gradgradcheck(case):
     fast, _, x, _ = _conv_pair(case)
-    names = [n for n, _ in fast.named_parameters()]
-
-    def f(x, *params):
-        return torch.func.functional_call(fast, dict(zip(names, params)), (x,))
-
-    assert torch.autograd.gradgradcheck(f, (x, *fast.parameters()))
+    assert _passes_gradgradcheck(fast, x)
 
 
 @pytest.mark.parametrize("x_grad", [True, False])
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_double_backward_matches_the_definition(case, x_grad):
     fast, _, x, kw = _conv_pair(case, x_grad=x_grad)
-    y, g, gg = _conv_second_order(fast, x)
-    y_ref, g_ref, gg_ref = _conv_second_order(
+    y, g, gg = _second_order(fast, x)
+    y_ref, g_ref, gg_ref = _second_order(
         fast, x, forward=lambda x: reference_conv(x, fast.weight, fast.bias, kw["stride"], kw["padding"],
                                                   kw["dilation"], kw["groups"]))
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
@@ -197,13 +190,7 @@ def test_conv_double_backward_matches_the_definition(case, x_grad):
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_same_as_torch_forward_backward(case):
     fast, ref, x, _ = _conv_pair(case, dtype=torch.float32)
-    y_f, g_f, gg_f = _conv_second_order(fast, x)
-    y_r, g_r, gg_r = _conv_second_order(ref, x)
-    assert torch.equal(y_f, y_r)
-    for a, b in zip(g_f, g_r):
-        assert torch.equal(a, b)  # the native first-backward kernel: bit-identical
-    for a, b in zip(gg_f, gg_r):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # float32, other kernels for the same numbers
+    _assert_same_as_nn(fast, ref, x)
 
 
 def test_outside_the_cpu_training_path_the_nn_layers_run():
