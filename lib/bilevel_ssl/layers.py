@@ -113,7 +113,7 @@ class _BatchNormBackward(torch.autograd.Function):
         return g_gy, g_x, g_w, None, None, None
 
 
-class _FastDoubleBackward:
+class _BatchNormFast:
     """Mixin for ``nn.BatchNorm1d`` / ``nn.BatchNorm2d``: the training-mode CPU forward through
     :class:`_BatchNormTrain`, with ``nn.BatchNorm``'s own bookkeeping (``num_batches_tracked``, ``momentum=None``
     as a cumulative average)."""
@@ -134,11 +134,11 @@ class _FastDoubleBackward:
                                      self.eps)
 
 
-class BatchNorm1d(_FastDoubleBackward, nn.BatchNorm1d):
+class BatchNorm1d(_BatchNormFast, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` with the cheaper double backward of :mod:`bilevel_ssl.layers`."""
 
 
-class BatchNorm2d(_FastDoubleBackward, nn.BatchNorm2d):
+class BatchNorm2d(_BatchNormFast, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` with the cheaper double backward of :mod:`bilevel_ssl.layers`."""
 
 
