@@ -237,8 +237,9 @@ class _MaxPoolBackward(torch.autograd.Function):
 
 
 def _nchw(t: Tensor) -> Tensor:
-    """``t`` with NCHW strides.  ``contiguous()`` is not enough: where NHWC strides are also NCHW-contiguous (maps of
-    1 x 1) it keeps them, and a convolution fed such a tensor picks its NHWC algorithm (other rounding)."""
+    """``t`` with NCHW strides, also where NHWC and NCHW strides coincide (maps of 1 x 1).  With ``contiguous()``
+    alone, an 8-px Conv-4 (last maps 1 x 1) got an NHWC-strided weight gradient for its last convolution and other
+    rounding than ``nn.MaxPool2d`` (the 8-px case of ``tests/test_models.py``)."""
     return t.clone(memory_format=torch.contiguous_format) if t.is_contiguous(memory_format=torch.channels_last) \
         else t.contiguous()
 
