@@ -53,6 +53,13 @@ import torch.nn as nn
 from torch import Tensor
 
 
+def _fast_path(x: Tensor) -> bool:
+    """Whether ``x`` takes this module's autograd Functions: gradient mode on, a CPU tensor of float32/64, no CPU
+    autocast (the conditions every layer here shares; each adds its own, e.g. BatchNorm's training mode)."""
+    return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu"))
+
+
 def _channel_view(t: Tensor, x: Tensor) -> Tensor:
     """A per-channel vector shaped to broadcast against ``x`` (N, C, ...)."""
     return t.view([1, -1] + [1] * (x.dim() - 2))
@@ -119,8 +126,7 @@ class _BatchNormFast:
     as a cumulative average)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")):
+        if not (self.training and _fast_path(x)):
             return super().forward(x)
         self._check_input_dim(x)
         if x.numel() // x.shape[1] <= 1:
@@ -197,9 +203,7 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` with the cheaper double backward of :mod:`bilevel_ssl.layers` (CPU, zero padding)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (torch.is_grad_enabled() and x.device.type == "cpu" and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str) and x.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled("cpu")):
+        if not (_fast_path(x) and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
             return super().forward(x)
         conf = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         return _ConvTrain.apply(x, self.weight, self.bias, conf)
