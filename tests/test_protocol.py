@@ -83,3 +83,22 @@ def test_check_bases_pairs_each_base_run_with_its_own_seed(tiny):
     assert chk.ok and chk.seeds == {"simclr": 2, "byol": 2}
     assert chk.untrained["byol"] == pytest.approx((u[0] + u[1]) / 2)  # heads differ, backbone does not
     assert chk.gain("simclr") == pytest.approx(0.2)
+
+
+def test_a_base_that_did_not_learn_takes_only_the_verdicts_of_the_claims_that_compare_it():
+    # notebook 40's shape: R16 is SimCLR's grid, R15 compares every base; BYOL fails the check, SimCLR passes
+    chk = P.learning_check({"simclr": [0.8, 0.8], "byol": [0.62, 0.62]}, {"simclr": [0.6, 0.6], "byol": [0.6, 0.6]})
+    simclr_only = C.Claim("T16", "grid", "none", "none", (C.Comparison("R16 simclr 0.1|1", "R16 simclr 0.01|0.1", "m"),))
+    both = C.Claim("T15", "bases", "none", "none", (C.Comparison("R15 simclr +MCR", "R15 simclr base", "m"),
+                                                     C.Comparison("R15 byol +MCR", "R15 byol base", "m")))
+    runs = ["R16 simclr 0.1|1", "R16 simclr 0.01|0.1", "R15 simclr +MCR", "R15 simclr base", "R15 byol +MCR",
+            "R15 byol base"]
+    table = {r: {"m": dict(enumerate([0.5 + (0.1 if "+MCR" in r or "0.1|1" in r else 0) + 0.001 * i * (k % 3)
+                                      for i in range(5)]))} for k, r in enumerate(runs)}
+    assert chk.restricted(simclr_only.runs).ok and chk.restricted(simclr_only.runs).trained == {"simclr": 0.8}
+    assert C.decide(simclr_only, table, learning=chk).label == "supported"
+    v = C.decide(both, table, learning=chk)
+    assert v.label == C.NO_VERDICT and "byol 0.620 vs untrained 0.600" in v.reason and "simclr 0.800" not in v.reason
+    # no base name among the runs' words (notebook 20's "simclr+T"): every base counts, as before
+    assert chk.restricted(["simclr+T"]).trained == chk.trained
+    assert "**No verdict** for the claims that compare byol" in chk.markdown()

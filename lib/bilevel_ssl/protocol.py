@@ -12,8 +12,9 @@ checks, per base objective,
 
 The margin 0.10 is the project's choice (issue #25), about ten times the seed-to-seed standard deviation of the
 5-NN accuracy measured on mnistm5k (0.005-0.015), so a pass is not noise.  A notebook whose check fails still
-shows every number, but :func:`bilevel_ssl.claims.decide` labels its claims **no verdict** instead of
-supported / contradicted / not resolved (:data:`bilevel_ssl.claims.NO_VERDICT`).
+shows every number, but :func:`bilevel_ssl.claims.decide` labels the claims that compare a base that failed **no
+verdict** instead of supported / contradicted / not resolved (:data:`bilevel_ssl.claims.NO_VERDICT`;
+:meth:`LearningCheck.restricted` says which bases a claim compares).
 
 The untrained reference is a random network, not raw pixels: a randomly initialised Conv-4 is itself a strong
 5-NN feature extractor on digits (random convolutional features, Saxe et al. 2011), and "better than what the
@@ -62,6 +63,16 @@ class LearningCheck:
     def ok(self) -> bool:
         return not self.failed
 
+    def restricted(self, runs) -> "LearningCheck":
+        """The check of the bases that ``runs`` - a claim's run names, e.g. ``R16 simclr 0.1|1`` - compare: a base
+        counts where its name is a word of a run name; where no base name is a word of any (``simclr+T``), every
+        base counts.  So in a notebook with several bases (40: SimCLR, BYOL, Barlow Twins) a base that did not learn
+        takes the verdict of the claims that compare it, not of a claim about another base (R16 is SimCLR's grid)."""
+        words = {w for r in runs for w in str(r).split()}
+        keep = [b for b in self.trained if b in words] or list(self.trained)
+        return LearningCheck({b: self.untrained[b] for b in keep}, {b: self.trained[b] for b in keep}, self.margin,
+                             self.metric, {b: n for b, n in self.seeds.items() if b in keep})
+
     def reason(self) -> str:
         """One line for a claim that gets no verdict because of this check."""
         fails = ", ".join(f"{b} {self.trained[b]:.3f} vs untrained {self.untrained[b]:.3f} "
@@ -70,15 +81,15 @@ class LearningCheck:
 
     def markdown(self) -> str:
         lines = [f"**Has the base learned?** {self.metric} of each base objective, trained vs the same network "
-                 f"untrained (means over seeds, same split); the claims are decided only if every gain is >= "
-                 f"{self.margin:.2f}.", "",
+                 f"untrained (means over seeds, same split); a claim is decided only if the gain of every base it "
+                 f"compares is >= {self.margin:.2f}.", "",
                  "| base | seeds | untrained | trained | gain | learned |", "|---|---|---|---|---|---|"]
         for b in self.trained:
             lines.append(f"| {b} | {self.seeds.get(b, '-')} | {self.untrained[b]:.3f} | {self.trained[b]:.3f} | "
                          f"{self.gain(b):+.3f} | {'yes' if self.passed(b) else '**no**'} |")
         lines += ["", "All bases learned: the claims below are decided." if self.ok else
-                  f"**No verdict**: {self.reason()}. The comparisons below are shown for information only; "
-                  "train longer (more epochs) for evidence."]
+                  f"**No verdict** for the claims that compare {', '.join(self.failed)}: {self.reason()}. Their "
+                  "comparisons below are shown for information only; train longer (more epochs) for evidence."]
         return "\n".join(lines)
 
     def structure(self) -> str:

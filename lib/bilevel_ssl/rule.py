@@ -451,9 +451,10 @@ def decide(claim: Claim, table, *, alpha: float = ALPHA, power: float = POWER,
     """Decide one :class:`Claim` on a per-seed ``table`` by the rule of this module (:func:`bilevel_ssl.claims.decide`
     takes a claim id).  Raises if none of the claim's runs is in the table (the wrong table, not a result).
 
-    ``learning``: the notebook's :class:`bilevel_ssl.protocol.LearningCheck`.  When it failed (a base objective's
-    5-NN is not 0.10 above the untrained network's), every comparison is still computed and shown, but the claim's
-    label is :data:`NO_VERDICT` with the check's reason: a comparison against a base that has not learned is not
+    ``learning``: the notebook's :class:`bilevel_ssl.protocol.LearningCheck`.  When it failed for a base this
+    claim compares (a base objective's 5-NN is not 0.10 above the untrained network's;
+    :meth:`~bilevel_ssl.protocol.LearningCheck.restricted`), every comparison is still computed and shown, but the
+    claim's label is :data:`NO_VERDICT` with the check's reason: a comparison against a base that has not learned is not
     evidence about the method (issue #25)."""
     c = claim
     data = _normalise(table)
@@ -481,8 +482,8 @@ def decide(claim: Claim, table, *, alpha: float = ALPHA, power: float = POWER,
                                          "testable)")
     else:
         label, reason = "not resolved", "no primary comparison has 2 usable paired seeds"
-    if learning is not None and not learning.ok:
-        label, reason = NO_VERDICT, f"{learning.reason()}; the comparisons alone would say: {label}, {reason}"
+    if learning is not None and not (gate := learning.restricted(c.runs)).ok:  # the bases this claim compares
+        label, reason = NO_VERDICT, f"{gate.reason()}; the comparisons alone would say: {label}, {reason}"
     return ClaimVerdict(c, label, reason, primary, secondary, alpha, power)
 
 
