@@ -367,7 +367,8 @@ def notebook_frames():
     nb40 = frame([{"group": "R15", "base": b, "label": x} for b in bases for x in ("base", "+MCR")]
                  + [{"group": "R16", "base": "simclr", "label": f"{l1:g}|{l2:g}"}
                     for l1 in (0.001, 0.01, 0.1) for l2 in (0.1, 1.0)]
-                 + [{"group": "R17", "base": "byol", "label": x} for x in ("M(h)", "M(z)", "mixup 0.5", "no bi-level")],
+                 + [{"group": "R17", "base": b, "label": x} for b in bases  # fusion_base: any of them
+                    for x in ("M(h)", "M(z)", "mixup 0.5", "no bi-level")],
                  ["linear_acc", "knn_acc"], s3)
     base = "simclr"
     # the calls of claims.NOTEBOOK_TABLES, with each notebook's names
