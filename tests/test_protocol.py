@@ -88,7 +88,8 @@ def test_check_bases_pairs_each_base_run_with_its_own_seed(tiny):
 def test_a_base_that_did_not_learn_takes_only_the_verdicts_of_the_claims_that_compare_it():
     # notebook 40's shape: R16 is SimCLR's grid, R15 compares every base; BYOL fails the check, SimCLR passes
     chk = P.learning_check({"simclr": [0.8, 0.8], "byol": [0.62, 0.62]}, {"simclr": [0.6, 0.6], "byol": [0.6, 0.6]})
-    simclr_only = C.Claim("T16", "grid", "none", "none", (C.Comparison("R16 simclr 0.1|1", "R16 simclr 0.01|0.1", "m"),))
+    simclr_only = C.Claim("T16", "grid", "none", "none",
+                          (C.Comparison("R16 simclr 0.1|1", "R16 simclr 0.01|0.1", "m"),))
     both = C.Claim("T15", "bases", "none", "none", (C.Comparison("R15 simclr +MCR", "R15 simclr base", "m"),
                                                      C.Comparison("R15 byol +MCR", "R15 byol base", "m")))
     runs = ["R16 simclr 0.1|1", "R16 simclr 0.01|0.1", "R15 simclr +MCR", "R15 simclr base", "R15 byol +MCR",
