@@ -19,6 +19,7 @@ import warnings
 
 from bilevel_ssl.bissl import (
     BatchStack,
+    balanced_subset,
     CGResidualError,
     CGResidualWarning,
     cg_solve,
@@ -36,6 +37,7 @@ from bilevel_ssl.bissl import (
     feature_normalizer,
     ig_matvec,
     implicit_gradient,
+    learning_check_task,
     prepare_downstream,
     reestimate_bn,
     run_bissl,
@@ -539,6 +541,25 @@ def test_prepare_downstream_digits_in_pretext_format():
     assert abs(len(d.train) - len(d.test)) <= 1
 
 
+def test_learning_check_task_is_the_uncapped_heldout_split_else_the_first_task():
+    """Notebook 30's learning check scores the pretext dataset's held-out labelled images (all of them, split like
+    the heldout task) - not the digits task, where an untrained Conv-4 is at 5-NN 0.93 - and falls back to the first
+    task, saying so, where the pretext set has no labelled held-out part."""
+    held = ImageSet(torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8,
+                                  generator=torch.Generator().manual_seed(0)), torch.arange(40) % 4 + 3, "h")
+    pdata = PretextData("mnistm5k", tiny_images(8), held)
+    capped = balanced_subset(prepare_downstream("heldout", pdata).train, 8)
+    tasks = {"digits": "first task", "heldout": type("T", (), {"train": capped})()}
+    task, line = learning_check_task(pdata, tasks, test_fraction=0.5)
+    assert len(task.train) + len(task.test) == 40 and len(task.train) == 20   # uncapped, half for test
+    assert sorted(torch.unique(task.test.labels).tolist()) == [0, 1, 2, 3]      # relabelled as the heldout task
+    assert "heldout" in task.name and "20 train / 20 test" in line
+    task, line = learning_check_task(PretextData("stl10", tiny_images(8), None), tasks)
+    assert task == "first task" and "downstream task digits" in line and "no labelled held-out" in line
+    with pytest.raises(ValueError, match="downstream_tasks"):
+        learning_check_task(PretextData("stl10", tiny_images(8), None), {})
+
+
 def test_smoke_pipeline_on_tiny_data(tiny, tmp_path):
     """Fig. 1 end to end on 96 MNIST-M images and 120 digits: pretext (cached in tmp_path), warm-up, BiSSL, both
     fine-tunings; every number finite."""
@@ -690,7 +711,7 @@ def test_bad_residual_warns_once_per_run_and_every_upper_step_is_logged():
 # ---------------------------------------------------------------------------------- notebook 30's library helpers
 
 def test_balanced_indices_take_the_same_number_per_class():
-    from bilevel_ssl.bissl import balanced_indices, balanced_subset
+    from bilevel_ssl.bissl import balanced_indices
 
     y = np.array([0] * 50 + [1] * 30 + [2] * 20)
     idx = balanced_indices(y, 30, seed=3)

@@ -73,8 +73,8 @@ check), :mod:`.data` (pretext set and downstream tasks).  Shared helpers live in
 from ..data import BatchStack
 from ..evaluate import feature_normalizer, reestimate_bn
 from .config import CG_ON_RESIDUAL, OBJECTIVES_OK, BiSSLConfig, FinetuneConfig
-from .data import (DOWNSTREAM_TASKS, Downstream, PretextData, balanced_indices, balanced_subset, prepare_downstream,
-                   prepare_pretext)
+from .data import (DOWNSTREAM_TASKS, Downstream, PretextData, balanced_indices, balanced_subset, learning_check_task,
+                   prepare_downstream, prepare_pretext)
 from .implicit import (
     CGResidualError,
     CGResidualWarning,
@@ -135,6 +135,7 @@ __all__ = [
     "reestimate_bn",
     "prepare_pretext",
     "prepare_downstream",
+    "learning_check_task",
     "PretextData",
     "OBJECTIVES_OK",
     "balanced_indices",
