@@ -50,6 +50,30 @@ def test_run_reports_ratios_memory_and_targets():
     assert "| gessl_first_order | 3 |" in bench.table(record)
 
 
+def test_channels_last_cases_are_divided_by_simclr_in_the_same_memory_format():
+    """Like with like (issue #24): an NHWC case's ratio_like is to simclr_channels_last, measured in the same run
+    even when not asked for; its target is read on ratio_like; an NCHW case's ratio_like is its ratio."""
+    names = bench.cases()
+    assert {"gessl_first_order_channels_last", "tc2_second_order_channels_last", "mcr_second_order_channels_last",
+            "multitask_pcgrad_channels_last"} <= set(names)
+    assert names["tc2_second_order_channels_last"]["backbone_args"]["channels_last"] is True
+    assert names["tc2_second_order_channels_last"]["meta"] == "tc2"
+    assert bench.reference_of("gessl_second_order_channels_last") == "simclr_channels_last"
+    assert bench.reference_of("gessl_second_order") == "simclr"
+    record = bench.run(["gessl_first_order_channels_last"], batch=16, steps=1, warmup=0, progress=False,
+                       memory=False, bissl=False)
+    cases = record["cases"]
+    assert list(cases) == ["simclr", "simclr_channels_last", "gessl_first_order_channels_last"]
+    g, ref = cases["gessl_first_order_channels_last"], cases["simclr_channels_last"]
+    assert g["ratio_like"] == pytest.approx(g["median_s"] / ref["median_s"])
+    assert g["ratio"] == pytest.approx(g["median_s"] / cases["simclr"]["median_s"])
+    assert cases["simclr"]["ratio_like"] == cases["simclr"]["ratio"] == 1.0
+    t = record["targets"]["gessl_first_order_channels_last"]
+    assert t["ratio"] == g["ratio_like"] and t["target"] == 2.2
+    row = next(line for line in bench.table(record).splitlines() if line.startswith("| gessl_first_order_channels"))
+    assert f"| {g['ratio']:.2f} | {g['ratio_like']:.2f} |" in row
+
+
 def test_unknown_case_is_rejected_before_compute():
     with pytest.raises(ValueError, match=r"cases: unknown \['simclr_typo'\]; allowed: simclr"):
         bench.run(["simclr_typo"])
