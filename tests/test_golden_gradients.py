@@ -5,7 +5,8 @@ A guard for refactoring the meta-methods: any change of what a step computes - n
 sum - shows here.  Tiny batch and width so the file runs in seconds on one core; one torch thread, so the
 reference (recorded the same way) is reproduced bit for bit on the same machine and to RTOL on AVX2/AVX-512 CPUs.
 Regenerate (only when a change of the numbers is intended) with
-``PYTHONPATH=lib python tests/test_golden_gradients.py``.
+``PYTHONPATH=lib python tests/test_golden_gradients.py``; a new case alone (the others' references kept) with
+``--add-missing``.
 """
 
 from __future__ import annotations
@@ -167,6 +168,19 @@ def test_golden_gradients(name, golden):
     assert all_grads.norm() > 0, f"{name}: zero gradient - the comparison would be vacuous"
 
 
+@pytest.mark.parametrize("name", sorted(n for n in all_cases() if n.endswith("_channels_last")))
+def test_channels_last_computes_the_same_step(name):
+    """channels_last is a memory format, not a formula: the NHWC step's gradients equal its contiguous twin's
+    (measured on this recording: at most 1.3e-14 of the case's gradient norm) - computed here, on this CPU."""
+    got, ref = record(all_cases()[name]), record(all_cases()[name.removesuffix("_channels_last")])
+    total = float(torch.cat([g.flatten() for g in [*ref["net"].values(), *ref["meta"]]]).norm())
+    assert total > 0
+    for k in ref["net"]:
+        _close(f"{name}: grad {k}", got["net"][k], ref["net"][k], RTOL, FLOOR * total)
+    for i, (a, b) in enumerate(zip(got["meta"], ref["meta"], strict=True)):
+        _close(f"{name}: meta grad {i}", a, b, RTOL, FLOOR * total)
+
+
 def test_the_comparison_catches_a_small_change(golden):
     """The tolerances are far below a real change: 1e-8 relative on one weight's gradient, or a gradient that
     should be ~0 moved by 1e-9 of the case's norm, both fail."""
@@ -185,5 +199,12 @@ def test_the_comparison_catches_a_small_change(golden):
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     GOLDEN.parent.mkdir(exist_ok=True)
-    torch.save({name: record(o) for name, o in sorted(all_cases().items())}, GOLDEN)
+    if "--add-missing" in sys.argv:  # a new case: record it, keep every recorded reference as it is
+        ref = torch.load(GOLDEN, weights_only=False)
+        new = sorted(set(all_cases()) - set(ref))
+        ref.update({name: record(all_cases()[name]) for name in new})
+        torch.save(dict(sorted(ref.items())), GOLDEN)
+        print(f"added {new}")
+    else:
+        torch.save({name: record(o) for name, o in sorted(all_cases().items())}, GOLDEN)
     print(f"wrote {GOLDEN} ({GOLDEN.stat().st_size / 1024:.0f} KiB)")
