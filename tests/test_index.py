@@ -81,3 +81,20 @@ def test_readme_blocks_are_generated_from_the_metrics(tmp_path):
     assert render_readme(new, tmp_path) == new  # stable
     missing = render_readme("<!-- results 99_x default -->\n<!-- /results -->", tmp_path)
     assert "No committed `default` run of 99_x yet" in missing
+
+
+def test_a_run_whose_params_file_changed_since_is_marked_stale_naming_the_changed_keys(tmp_path):
+    from bilevel_ssl.index import readme_block
+
+    outputs, params = tmp_path / "outputs", tmp_path / "params" / "default"
+    params.mkdir(parents=True)
+    run_params = {"epochs": 20, "gessl_args": {"m": 8, "mu": 0.7}, "seeds": [0, 1, 2], "profile": "default"}
+    _run(outputs, "11_x", "default", {"params": run_params, "results": {"gessl": {"knn_acc": 0.7}}})
+    (params / "11_x.yaml").write_text("epochs: 20\ngessl_args: {m: 8, mu: 0.7}\nseeds: [0, 1, 2]\n")
+    assert "Stale" not in readme_block("11_x", "default", outputs)  # yaml lists == json lists: same run
+    (params / "11_x.yaml").write_text("epochs: 20\ngessl_args: {m: 8, mu: 0.7, inner_lr: 0.01}\nseeds: [0, 1]\n")
+    block = readme_block("11_x", "default", outputs)
+    assert block.startswith("**Stale: `params/default/11_x.yaml` changed after this run** "
+                            "(`gessl_args.inner_lr` unset → 0.01; `seeds` [0, 1, 2] → [0, 1]).")
+    assert "`epochs`" not in block and "| gessl | 0.700 |" in block  # unchanged keys not named; numbers kept
+    assert "Stale" not in readme_block("11_x", "gpu", outputs)  # no params file for that profile: nothing to compare

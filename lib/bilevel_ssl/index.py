@@ -13,7 +13,9 @@ go to ``index-smoke.md``/``index-smoke.html`` (git-ignored).
 ``python -m bilevel_ssl.index --readme README.md`` also rewrites the README's results blocks - every
 ``<!-- results NOTEBOOK PROFILE -->`` ... ``<!-- /results -->`` - from the committed ``metrics.json``
 (:func:`readme_block`), and ``--check`` fails when the README differs from what the metrics give
-(``tests/test_readme_results.py``): a README number can only come from a committed run.
+(``tests/test_readme_results.py``): a README number can only come from a committed run.  A block whose run was
+made with other parameters than today's ``params/<profile>/<notebook>.yaml`` opens with a **Stale** line naming
+each changed key (:func:`params_drift`), so a reader sees which verdicts are not those of the current profile.
 """
 
 from __future__ import annotations
@@ -178,6 +180,42 @@ def _claim_paragraph(cid: str, claim: dict) -> str:
     return text + (" Primary comparisons (mean A − B): " + "; ".join(parts) + "." if parts else "")
 
 
+def params_drift(notebook: str, profile: str, record: dict, params_dir: Path) -> list[tuple[str, object, object]]:
+    """``(key, value of the run, value now)`` for every parameter where the run's ``metrics.json`` ``params``
+    differ from ``params_dir/<profile>/<notebook>.yaml`` today (a missing key reads ``None``); empty when they agree
+    or when there is no such file (a run from elsewhere).  A committed run whose parameters file changed since is
+    not the run ``make reproduce`` would make now: its block says so."""
+    import yaml
+
+    path = params_dir / profile / f"{notebook}.yaml"
+    if not path.is_file():
+        return []
+    now = {**(yaml.safe_load(path.read_text()) or {}), "profile": profile}
+    run = record.get("params") or {}
+    # JSON round trip: the run's params went through metrics.json (tuples -> lists, int keys -> str)
+    now = json.loads(json.dumps(now, default=str))
+    run, now = _dotted(run), _dotted(now)
+    return [(k, run.get(k), now.get(k)) for k in sorted(set(run) | set(now)) if run.get(k) != now.get(k)]
+
+
+def _dotted(d: dict, prefix: str = "") -> dict:
+    """Nested mappings flattened to dotted keys, so a drift names the changed leaf (``gessl_args.inner_lr``)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _short(value, width: int = 40) -> str:
+    if value is None:
+        return "unset"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def readme_block(notebook: str, profile: str, root: str | Path | None = None) -> str:
     """The generated body of a README results block: where the numbers come from, the key metrics table, the
     learning check and one paragraph per claim, all from ``outputs/<notebook>/<profile>/metrics.json``."""
@@ -191,6 +229,12 @@ def readme_block(notebook: str, profile: str, root: str | Path | None = None) ->
     rel = f"outputs/{notebook}/{profile}"
     lines = [f"From [`{rel}/metrics.json`]({rel}/metrics.json) ({_summary(record)}; executed notebook: "
              f"[`{rel}/{notebook}.ipynb`]({rel}/{notebook}.ipynb)).", "", _md_table(*metrics_table(record)).rstrip()]
+    drift = params_drift(notebook, profile, record, root.parent / "params")
+    if drift:
+        changes = "; ".join(f"`{k}` {_short(a)} → {_short(b)}" for k, a, b in drift)
+        lines[0:0] = [f"**Stale: `params/{profile}/{notebook}.yaml` changed after this run** ({changes}). The "
+                      f"numbers and verdicts below are those of the run's parameters; `make reproduce NB={notebook}` "
+                      "re-makes it with today's.", ""]
     check = record.get("learning_check")
     if check:
         bases = ", ".join(f"{b} {v['trained']:.3f} vs untrained {v['untrained']:.3f} ({v['gain']:+.3f})"
