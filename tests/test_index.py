@@ -98,3 +98,6 @@ def test_a_run_whose_params_file_changed_since_is_marked_stale_naming_the_change
                             "(`gessl_args.inner_lr` unset → 0.01; `seeds` [0, 1, 2] → [0, 1]).")
     assert "`epochs`" not in block and "| gessl | 0.700 |" in block  # unchanged keys not named; numbers kept
     assert "Stale" not in readme_block("11_x", "gpu", outputs)  # no params file for that profile: nothing to compare
+    md, page = build(outputs)
+    assert "**Stale: `params/default/11_x.yaml` changed after this run**" in md.read_text()
+    assert "Stale: params/default/11_x.yaml changed" in page.read_text()

@@ -139,7 +139,12 @@ def _build(root: Path, runs: dict, name: str, what: str) -> tuple[Path, Path]:
             verdicts = record.get("verdicts") or {}
             figures = sorted(p.name for p in folder.glob("fig_*.png"))
             md += [f"### {profile}", "", _summary(record) + f" — [notebook]({rel}/{notebook}.ipynb), "
-                   f"[metrics.json]({rel}/metrics.json)", "", _md_table(header, rows)]
+                   f"[metrics.json]({rel}/metrics.json)", ""]
+            stale = _stale_line(notebook, profile, record, root)
+            if stale:
+                md += [stale, ""]
+                page.append(f"<p><b>{html.escape(stale.replace('**', '').replace('`', ''))}</b></p>")
+            md += [_md_table(header, rows)]
             if verdicts:
                 md += ["Verdicts:", ""] + [f"- **{k}**: {v}" for k, v in verdicts.items()] + [""]
             if figures:
@@ -216,6 +221,18 @@ def _short(value, width: int = 40) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+def _stale_line(notebook: str, profile: str, record: dict, root: Path) -> str:
+    """The **Stale** line of a run whose parameters file changed since (``root`` is the outputs folder; the
+    parameters are in ``root.parent / "params"``), or ``""``."""
+    drift = params_drift(notebook, profile, record, root.parent / "params")
+    if not drift:
+        return ""
+    changes = "; ".join(f"`{k}` {_short(a)} → {_short(b)}" for k, a, b in drift)
+    return (f"**Stale: `params/{profile}/{notebook}.yaml` changed after this run** ({changes}). The numbers and "
+            f"verdicts below are those of the run's parameters; `make reproduce NB={notebook}` re-makes it with "
+            "today's.")
+
+
 def readme_block(notebook: str, profile: str, root: str | Path | None = None) -> str:
     """The generated body of a README results block: where the numbers come from, the key metrics table, the
     learning check and one paragraph per claim, all from ``outputs/<notebook>/<profile>/metrics.json``."""
@@ -229,12 +246,9 @@ def readme_block(notebook: str, profile: str, root: str | Path | None = None) ->
     rel = f"outputs/{notebook}/{profile}"
     lines = [f"From [`{rel}/metrics.json`]({rel}/metrics.json) ({_summary(record)}; executed notebook: "
              f"[`{rel}/{notebook}.ipynb`]({rel}/{notebook}.ipynb)).", "", _md_table(*metrics_table(record)).rstrip()]
-    drift = params_drift(notebook, profile, record, root.parent / "params")
-    if drift:
-        changes = "; ".join(f"`{k}` {_short(a)} → {_short(b)}" for k, a, b in drift)
-        lines[0:0] = [f"**Stale: `params/{profile}/{notebook}.yaml` changed after this run** ({changes}). The "
-                      f"numbers and verdicts below are those of the run's parameters; `make reproduce NB={notebook}` "
-                      "re-makes it with today's.", ""]
+    stale = _stale_line(notebook, profile, record, root)
+    if stale:
+        lines[0:0] = [stale, ""]
     check = record.get("learning_check")
     if check:
         bases = ", ".join(f"{b} {v['trained']:.3f} vs untrained {v['untrained']:.3f} ({v['gain']:+.3f})"
