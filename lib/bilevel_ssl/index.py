@@ -190,12 +190,12 @@ def params_drift(notebook: str, profile: str, record: dict, params_dir: Path) ->
     differ from ``params_dir/<profile>/<notebook>.yaml`` today (a missing key reads ``None``); empty when they agree
     or when there is no such file (a run from elsewhere).  A committed run whose parameters file changed since is
     not the run ``make reproduce`` would make now: its block says so."""
-    import yaml
+    from .reproduce import load_params  # the reader make reproduce runs the notebooks with
 
     path = params_dir / profile / f"{notebook}.yaml"
     if not path.is_file():
         return []
-    now = {**(yaml.safe_load(path.read_text()) or {}), "profile": profile}
+    now = {**load_params(path), "profile": profile}  # what reproduce passes to papermill (and so to metrics.json)
     run = record.get("params") or {}
     # JSON round trip: the run's params went through metrics.json (tuples -> lists, int keys -> str)
     now = json.loads(json.dumps(now, default=str))
