@@ -826,3 +826,50 @@ def test_cg_summary_reads_the_stage_settings():
     assert "is indefinite" in cg_summary({**diag, "lowest": -12.0}, BiSSLConfig(lam=1.0, cg_damping=10.0))
     assert cg_summary(diag, BiSSLConfig(cg_layerwise=False, cg_damping=10.0)).endswith("global CG with that "
                                                                                        "damping: residual 0.01 after 5 iterations")
+
+
+def test_select_on_validation_scores_the_bissl_arm_on_held_out_training_images_only(monkeypatch):
+    """λ_damp chosen on validation (issue #25): each candidate runs the BiSSL arm once on the fit part of the task's
+    training split and is scored on the rest of it - never on the test split, no baseline arm; the best finite
+    top-1 wins (first on a tie, a diverged run never); bad input fails before any run."""
+    from bilevel_ssl.bissl import Downstream, select_on_validation
+    from bilevel_ssl.bissl import pipeline as P
+
+    pm = tiny_pretext(dtype=torch.float32)
+    train, test = tiny_images(40, seed=1), tiny_images(20, seed=3)
+    task = Downstream("toy", train, test)
+    cfg = BiSSLConfig(alternations=1, lower_steps=1, upper_steps=1, lower_warmup=0, downstream_batch_size=8,
+                      seed=3, progress=False)
+    ft = FinetuneConfig(epochs=1, batch_size=8)
+    top1 = {1.0: 0.4, 10.0: 0.6, 100.0: 0.6, 1000.0: math.inf}  # inf: the run diverges
+    calls = []
+
+    def fake_pipeline(pcfg, c, f, imgs, fit, val, **kw):
+        calls.append((c.cg_damping, fit, val, kw["baseline"], c.seed))
+        if math.isinf(top1[c.cg_damping]):
+            raise FloatingPointError("non-finite gradient")
+        return {"bissl": {"top1": top1[c.cg_damping]}}
+
+    monkeypatch.setattr(P, "run_pipeline", fake_pipeline)
+    sel = select_on_validation("cg_damping", [1.0, 10.0, 100.0, 1000.0], pm.cfg, pm, cfg, ft, tiny_images(24, seed=2),
+                               task, fraction=0.25)
+    assert sel.chosen == 10.0 and sel.option == "bissl_args.cg_damping" and math.isnan(sel.scores[3])
+    assert [c[0] for c in calls] == [1.0, 10.0, 100.0, 1000.0] and all(c[3] is False and c[4] == 3 for c in calls)
+    fit, val = calls[0][1], calls[0][2]
+    assert (len(fit), len(val)) == (30, 10) and (sel.fit_images, sel.validation_images) == (30, 10)
+    rows = lambda s: {x.numpy().tobytes() for x in s.images}  # noqa: E731
+    assert not rows(fit) & rows(val) and rows(fit) | rows(val) == rows(train) and not rows(val) & rows(test)
+    assert set(val.labels.tolist()) == {0, 1, 2, 3}  # stratified: every class validated
+    text = sel.markdown(used=10.0)
+    assert "BiSSL + fine-tuning top-1 on a validation split of the toy task" in text and "diverged" in text
+    calls.clear()
+    with pytest.raises(ValueError, match="bissl_args.cg_dampin: not a BiSSLConfig option; allowed: .*cg_damping"):
+        select_on_validation("cg_dampin", [1.0], pm.cfg, pm, cfg, ft, tiny_images(24, seed=2), task)
+    with pytest.raises(ValueError, match="cg_damping"):  # a negative damping is refused by BiSSLConfig itself
+        select_on_validation("cg_damping", [10.0, -1.0], pm.cfg, pm, cfg, ft, tiny_images(24, seed=2), task)
+    with pytest.raises(ValueError, match="downstream_batch_size"):  # 8 > the fit part's 6 images
+        select_on_validation("cg_damping", [10.0], pm.cfg, pm, cfg, ft, tiny_images(24, seed=2),
+                             Downstream("toy", tiny_images(12, seed=1), test), fraction=0.5)
+    with pytest.raises(FloatingPointError, match="every candidate diverged"):
+        select_on_validation("cg_damping", [1000.0], pm.cfg, pm, cfg, ft, tiny_images(24, seed=2), task)
+    assert [c[0] for c in calls] == [1000.0]  # nothing ran for the refused inputs

@@ -115,6 +115,18 @@ class Selection:
     validation_images: int
     seed: int
     metric: str = "knn_acc"
+    scored_by: str = "5-NN on a validation split of the training classes"  # how a candidate was scored
+
+    @classmethod
+    def best(cls, option: str, values, scores, **fields) -> "Selection":
+        """The selection of the highest finite score among ``values`` (the first listed on a tie; NaN - a
+        diverged run - is never chosen); ``FloatingPointError`` when no score is finite."""
+        scores = tuple(float(s) for s in scores)
+        finite = [i for i, sc in enumerate(scores) if math.isfinite(sc)]
+        if not finite:
+            raise FloatingPointError(f"{option}: every candidate diverged ({list(values)})")
+        best = max(finite, key=lambda i: (scores[i], -i))
+        return cls(option, tuple(values), scores, tuple(values)[best], **fields)
 
     def frame(self):
         import pandas as pd
@@ -127,8 +139,8 @@ class Selection:
         runs use the choice."""
         cands = ", ".join(f"{v:g}: {s:.3f}" if math.isfinite(s) else f"{v:g}: diverged"
                           for v, s in zip(self.values, self.scores))
-        text = (f"**{self.option} chosen on validation**: {self.chosen:g} (5-NN on a validation split of the training "
-                f"classes - {self.validation_images} images held out of the {self.fit_images + self.validation_images}"
+        text = (f"**{self.option} chosen on validation**: {self.chosen:g} ({self.scored_by} - "
+                f"{self.validation_images} images held out of the {self.fit_images + self.validation_images}"
                 f" training images, never the test split; one run per value, seed {self.seed}: {cands})")
         if used is not None:
             text += (f". The runs of this profile use {used:g}: " + ("the validation choice" if used == self.chosen
@@ -138,7 +150,8 @@ class Selection:
 
     def as_dict(self) -> dict:
         return {"option": self.option, "values": list(self.values), "scores": list(self.scores),
-                "chosen": self.chosen, "metric": self.metric, "fit_images": self.fit_images,
+                "chosen": self.chosen, "metric": self.metric, "scored_by": self.scored_by,
+                "fit_images": self.fit_images,
                 "validation_images": self.validation_images, "seed": self.seed}
 
 
@@ -168,13 +181,8 @@ def select_on_validation(option: str, candidates: Mapping, data: Data, *, fracti
             continue
         scores.append(knn(run.backbone, val.splits, device=cfg.resolved_device()))
         print(f"{option} = {value:g}: validation 5-NN {scores[-1]:.3f} ({'cache' if run.cached else 'trained'})")
-    finite = [i for i, sc in enumerate(scores) if math.isfinite(sc)]
-    if not finite:
-        raise FloatingPointError(f"{option}: every candidate diverged ({list(candidates)})")
-    best = max(finite, key=lambda i: (scores[i], -i))
-    values = tuple(candidates)
-    return Selection(option, values, tuple(scores), values[best], len(val.splits.train), len(val.splits.test),
-                     seeds.pop())
+    return Selection.best(option, tuple(candidates), scores, fit_images=len(val.splits.train),
+                          validation_images=len(val.splits.test), seed=seeds.pop())
 
 
 def check_values(key: str, values, allowed: Iterable, why: str = "") -> None:

@@ -99,6 +99,8 @@ from .pipeline import (
     pretrain,
     run_bissl,
     run_pipeline,
+    select_on_validation,
+    validation_split,
 )
 from .stage import BiSSLResult, BiSSLStage, PretextModel
 from .warmup import DownstreamHead, warmup_head
@@ -145,4 +147,6 @@ __all__ = [
     "feature_scores",
     "cg_summary",
     "compare_arms",
+    "select_on_validation",
+    "validation_split",
 ]

@@ -1,7 +1,9 @@
 """The stages of Fig. 1 end to end: pretext pre-training (:func:`pretrain`, :func:`load_pretext`), head warm-up and
 BiSSL (:func:`run_bissl`), the "only FT" baseline's extra pretext compute (:func:`continue_pretext`,
 :func:`equivalent_epochs`, :func:`only_ft_model`), fine-tuning (:func:`finetune_backbone`), all of it for one task
-(:func:`run_pipeline`; its numbers :func:`pipeline_row`; several tasks :func:`compare_arms`), the check of the CG
+(:func:`run_pipeline`; its numbers :func:`pipeline_row`; several tasks :func:`compare_arms`), a hyper-parameter
+chosen on a validation split of the downstream training images (:func:`validation_split`,
+:func:`select_on_validation`), the check of the CG
 solve (:func:`cg_diagnostics`, :func:`cg_summary`) and the feature scores of Fig. 3 (:func:`feature_scores`).
 """
 
@@ -234,6 +236,62 @@ def compare_arms(pretext_cfg: TrainConfig, pretext: PretextModel, cfg: BiSSLConf
               f"{row['only_ft_top1']:.3f}  (BiSSL {row['bissl_s']:.0f} s, CG residual {row['mean_cg_residual']:.2g}, "
               f"cos(v, v_IG) {row['mean_ig_cos']:.2f}, |θ_P − θ_D| {row['final_distance']:.3g})")
     return rows, results
+
+
+def validation_split(task: Downstream, fraction: float = 0.2) -> tuple[ImageSet, ImageSet]:
+    """``(fit, validation)``: the task's *training* images cut stratified (seed 0), ``fraction`` of them held out
+    for validation; the test split is not touched (:func:`select_on_validation`)."""
+    from ..data import stratified_split
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation_fraction: must be in (0, 1), got {fraction}")
+    fit_idx, val_idx = stratified_split(task.train.labels, fraction, 0)
+    return (task.train.subset(torch.as_tensor(fit_idx), f"{task.name}/fit"),
+            task.train.subset(torch.as_tensor(val_idx), f"{task.name}/validation"))
+
+
+def select_on_validation(option: str, values: Sequence, pretext_cfg: TrainConfig, pretext: PretextModel,
+                         cfg: BiSSLConfig, ft: FinetuneConfig, pretext_images: ImageSet, task: Downstream, *,
+                         fraction: float = 0.2):
+    """Choose one :class:`BiSSLConfig` option - BiSSL's λ_damp (``cg_damping``, Alg. 2), the free hyper-parameter
+    that decides the comparison of Table 1 (issue #25) - on a validation split of the downstream task's *training*
+    images, never its test split: ``task.train`` is cut stratified (seed 0) into a fit part (the head warm-up, BiSSL's
+    upper level and the fine-tuning see only it) and a validation part (``fraction``), and each value in ``values``
+    runs the whole BiSSL + fine-tuning arm of :func:`run_pipeline` once (seed ``cfg.seed``, the given ``pretext``)
+    and is scored by top-1 on the validation part; the baseline arm does not depend on the option and is not run.
+    The highest score wins, the first listed on a tie; a run whose gradients become non-finite scores NaN and is
+    never chosen (:meth:`bilevel_ssl.experiments.Selection.best`).  Every candidate configuration is built and
+    checked against the data before the first computation.  Returns the
+    :class:`~bilevel_ssl.experiments.Selection` (option ``bissl_args.<option>``, metric ``top1``)."""
+    from ..experiments import Selection
+
+    key = f"bissl_args.{option}"
+    fields = [f.name for f in dataclasses.fields(BiSSLConfig) if f.name not in ("seed", "device", "progress")]
+    if option not in fields:
+        raise ValueError(f"{key}: not a BiSSLConfig option; allowed: {', '.join(fields)}")
+    if not values:
+        raise ValueError(f"{key}: no candidate value to choose from")
+    fit, val = validation_split(task, fraction)
+    cands = [BiSSLConfig.from_dict({**dataclasses.asdict(cfg), option: v}) for v in values]  # validates each value
+    for c in cands:
+        c.check_against(pretext_cfg, len(pretext_images), len(fit))
+    if ft.batch_size > len(fit):
+        raise fail("finetune", "batch_size", f"{ft.batch_size} is larger than the {len(fit)} images of the fit "
+                                               f"part of {task.name}'s training split; allowed: 1..{len(fit)}")
+    scores = []
+    for v, c in zip(values, cands):
+        try:
+            top1 = run_pipeline(pretext_cfg, c, ft, pretext_images, fit, val, baseline=False,
+                                pretext=pretext)["bissl"]["top1"]
+            print(f"{key} = {v:g}: validation top-1 {top1:.3f}")
+        except FloatingPointError as err:
+            print(f"{key} = {v:g}: DIVERGED - {err}")
+            top1 = math.nan
+        scores.append(top1)
+    return Selection.best(key, tuple(values), scores, fit_images=len(fit), validation_images=len(val),
+                          seed=cfg.seed, metric="top1",
+                          scored_by=f"BiSSL + fine-tuning top-1 on a validation split of the {task.name} task's "
+                                    f"training images")
 
 
 def feature_scores(backbone: nn.Module, task: Downstream, *, bn_batches: int = 100, seed: int = 0,
