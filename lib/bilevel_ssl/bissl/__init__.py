@@ -88,6 +88,7 @@ from .implicit import (
 from .pipeline import (
     cg_diagnostics,
     cg_summary,
+    check_fit,
     compare_arms,
     continue_pretext,
     equivalent_epochs,
@@ -149,4 +150,5 @@ __all__ = [
     "compare_arms",
     "select_on_validation",
     "validation_split",
+    "check_fit",
 ]

@@ -250,6 +250,16 @@ def validation_split(task: Downstream, fraction: float = 0.2) -> tuple[ImageSet,
             task.train.subset(torch.as_tensor(val_idx), f"{task.name}/validation"))
 
 
+def check_fit(cfg: BiSSLConfig, pretext_cfg: TrainConfig, n_pretext: int, ft: FinetuneConfig, fit: ImageSet,
+              task: str) -> None:
+    """The batch sizes of ``cfg`` and ``ft`` against the fit part of a :func:`validation_split` - callable before
+    any compute; raise naming the key."""
+    cfg.check_against(pretext_cfg, n_pretext, len(fit))
+    if ft.batch_size > len(fit):
+        raise fail("finetune", "batch_size", f"{ft.batch_size} is larger than the {len(fit)} images of the fit "
+                                               f"part of {task}'s training split; allowed: 1..{len(fit)}")
+
+
 def select_on_validation(option: str, values: Sequence, pretext_cfg: TrainConfig, pretext: PretextModel,
                          cfg: BiSSLConfig, ft: FinetuneConfig, pretext_images: ImageSet, task: Downstream, *,
                          fraction: float = 0.2):
@@ -274,10 +284,7 @@ def select_on_validation(option: str, values: Sequence, pretext_cfg: TrainConfig
     fit, val = validation_split(task, fraction)
     cands = [BiSSLConfig.from_dict({**dataclasses.asdict(cfg), option: v}) for v in values]  # validates each value
     for c in cands:
-        c.check_against(pretext_cfg, len(pretext_images), len(fit))
-    if ft.batch_size > len(fit):
-        raise fail("finetune", "batch_size", f"{ft.batch_size} is larger than the {len(fit)} images of the fit "
-                                               f"part of {task.name}'s training split; allowed: 1..{len(fit)}")
+        check_fit(c, pretext_cfg, len(pretext_images), ft, fit, task.name)
     scores = []
     for v, c in zip(values, cands):
         try:
