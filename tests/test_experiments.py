@@ -335,7 +335,7 @@ def test_validation_data_holds_out_part_of_the_training_images_only(mnistm):
         validation_data(full, 1.0)
 
 
-def test_select_on_validation_picks_the_best_finite_score(monkeypatch, tiny):
+def test_select_on_validation_picks_the_best_finite_score(monkeypatch, capsys, tiny):
     import types
 
     import bilevel_ssl.cache as cache
@@ -355,6 +355,11 @@ def test_select_on_validation_picks_the_best_finite_score(monkeypatch, tiny):
     monkeypatch.setattr(protocol, "knn", lambda backbone, splits, device="cpu": score[backbone])
     cands = {a: make_config("simclr", meta="gessl", meta_args={"inner_lr": a}) for a in (0.01, 0.1, 1.0, 0.3)}
     sel = select_on_validation("gessl_args.inner_lr", cands, data)
+    assert capsys.readouterr().out.splitlines() == [  # one line per candidate, in order
+        "gessl_args.inner_lr = 0.01: validation 5-NN 0.500 (trained)",
+        "gessl_args.inner_lr = 0.1: validation 5-NN 0.700 (trained)",
+        "gessl_args.inner_lr = 1: DIVERGED - non-finite gradient",
+        "gessl_args.inner_lr = 0.3: validation 5-NN 0.700 (trained)"]
     assert sel.chosen == 0.1 and math.isnan(sel.scores[2])  # 0.3 ties 0.1 and is listed later; 1.0 diverged
     assert "**not** the validation choice (0.1)" in sel.markdown(used=0.3) and "diverged" in sel.markdown()
     assert sel.frame()["chosen"].sum() == 1 and sel.as_dict()["chosen"] == 0.1

@@ -117,6 +117,23 @@ class Selection:
     metric: str = "knn_acc"
     scored_by: str = "5-NN on a validation split of the training classes"  # how a candidate was scored
 
+    @staticmethod
+    def score_each(option: str, values, score: Callable[[object], tuple[float, str]]) -> list[float]:
+        """``score(value) -> (score, what to print after it)`` for each of ``values`` in order, one printed line
+        per value; a run whose gradients become non-finite (``FloatingPointError``) scores NaN and its line says
+        DIVERGED with the error."""
+        scores = []
+        for value in values:
+            try:
+                sc, line = score(value)
+            except FloatingPointError as err:
+                print(f"{option} = {value:g}: DIVERGED - {err}")
+                sc = float("nan")
+            else:
+                print(f"{option} = {value:g}: {line}")
+            scores.append(float(sc))
+        return scores
+
     @classmethod
     def best(cls, option: str, values, scores, **fields) -> "Selection":
         """The selection of the highest finite score among ``values`` (the first listed on a tie; NaN - a
@@ -171,16 +188,14 @@ def select_on_validation(option: str, candidates: Mapping, data: Data, *, fracti
     if len(seeds) != 1:
         raise ValueError(f"{option}: the candidates must share one seed, got seeds {sorted(seeds)}")
     val = validation_data(data, fraction)
-    scores = []
-    for value, cfg in candidates.items():
-        try:
-            run = cached_train(cfg, val.pretrain, **(run_monitors(cfg) if run_monitors else {}))
-        except FloatingPointError as err:
-            print(f"{option} = {value:g}: DIVERGED - {err}")
-            scores.append(float("nan"))
-            continue
-        scores.append(knn(run.backbone, val.splits, device=cfg.resolved_device()))
-        print(f"{option} = {value:g}: validation 5-NN {scores[-1]:.3f} ({'cache' if run.cached else 'trained'})")
+
+    def score(value):
+        cfg = candidates[value]
+        run = cached_train(cfg, val.pretrain, **(run_monitors(cfg) if run_monitors else {}))
+        acc = knn(run.backbone, val.splits, device=cfg.resolved_device())
+        return acc, f"validation 5-NN {acc:.3f} ({'cache' if run.cached else 'trained'})"
+
+    scores = Selection.score_each(option, tuple(candidates), score)
     return Selection.best(option, tuple(candidates), scores, fit_images=len(val.splits.train),
                           validation_images=len(val.splits.test), seed=seeds.pop())
 

@@ -285,16 +285,14 @@ def select_on_validation(option: str, values: Sequence, pretext_cfg: TrainConfig
     cands = [BiSSLConfig.from_dict({**dataclasses.asdict(cfg), option: v}) for v in values]  # validates each value
     for c in cands:
         check_fit(c, pretext_cfg, len(pretext_images), ft, fit, task.name)
-    scores = []
-    for v, c in zip(values, cands):
-        try:
-            top1 = run_pipeline(pretext_cfg, c, ft, pretext_images, fit, val, baseline=False,
-                                pretext=pretext)["bissl"]["top1"]
-            print(f"{key} = {v:g}: validation top-1 {top1:.3f}")
-        except FloatingPointError as err:
-            print(f"{key} = {v:g}: DIVERGED - {err}")
-            top1 = math.nan
-        scores.append(top1)
+    by_value = dict(zip(values, cands))
+
+    def score(v):
+        top1 = run_pipeline(pretext_cfg, by_value[v], ft, pretext_images, fit, val, baseline=False,
+                            pretext=pretext)["bissl"]["top1"]
+        return top1, f"validation top-1 {top1:.3f}"
+
+    scores = Selection.score_each(key, tuple(values), score)
     return Selection.best(key, tuple(values), scores, fit_images=len(fit), validation_images=len(val),
                           seed=cfg.seed, metric="top1",
                           scored_by=f"BiSSL + fine-tuning top-1 on a validation split of the {task.name} task's "
