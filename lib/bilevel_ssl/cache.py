@@ -123,6 +123,12 @@ def entry_dir(cfg: TrainConfig, data: ImageSet, tag: str = "", root: str | Path 
     return Path(root or cache_root()) / f"{cfg.objective}-{cfg.meta}-{digest[:12]}"
 
 
+# this process's cached_train calls by outcome: "trained" (trained here, or resumed from a checkpoint) and
+# "from_cache" (a finished entry loaded); report.write_metrics records them, so that a notebook's run time can be read
+# as the cost it was (48 s with every run loaded is not what the notebook costs on a fresh clone)
+RUN_COUNTS = {"trained": 0, "from_cache": 0}
+
+
 @dataclass
 class CachedRun(TrainResult):
     cached: bool = False  # True when the run was loaded, not trained, by this call
@@ -149,9 +155,11 @@ def cached_train(cfg: TrainConfig, data: ImageSet, *, tag: str = "", root: str |
             net, _ = build_net(cfg, data.channels, data.size)
             net.load_state_dict(ckpt["net"])
             net.to(cfg.resolved_device())
+            RUN_COUNTS["from_cache"] += 1
             return CachedRun(net, ckpt["history"], folder, cached=True)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "key.json").write_text(json.dumps(cache_key(cfg, data, tag), indent=2, sort_keys=True) + "\n")
     result = train(cfg, data, folder, resume=not force, overwrite=force, monitors=monitors,
                    step_monitors=step_monitors)
+    RUN_COUNTS["trained"] += 1
     return CachedRun(result.net, result.history, folder, cached=False)

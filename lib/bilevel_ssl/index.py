@@ -90,7 +90,10 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 def _summary(record: dict) -> str:
     m = record.get("machine") or {}
     wall = record.get("wall_time_s")
-    parts = [f"run time {wall:.0f} s" if isinstance(wall, (int, float)) else "run time unknown",
+    runs = record.get("training_runs") or {}
+    counted = (f" (pre-training runs through the encoder cache: {runs.get('trained', 0)} trained here, "
+               f"{runs.get('from_cache', 0)} loaded)") if runs else ""
+    parts = [(f"run time {wall:.0f} s" if isinstance(wall, (int, float)) else "run time unknown") + counted,
              f"machine: {m.get('cuda') or m.get('processor', '?')}, {m.get('cpus', '?')} CPUs",
              f"git {str(record.get('git_sha', '?'))[:12]}", f"written {record.get('written', '?')}"]
     return "; ".join(parts)
