@@ -258,9 +258,20 @@ def readme_block(notebook: str, profile: str, root: str | Path | None = None) ->
                           for b, v in check.get("bases", {}).items())
         lines += ["", f"Learning check ({check.get('metric')}, needs +{check.get('margin', 0):.2f}): {bases} — "
                   + ("passed." if check.get("ok") else "**failed: no verdicts**.")]
+    lines += ["", line] if (line := _selections(record)) else []
     for cid, claim in (record.get("claims") or {}).items():
         lines += ["", _claim_paragraph(cid, claim)]
     return "\n".join(lines) + "\n"
+
+
+def _selections(record: dict) -> str:
+    """The hyper-parameters the run chose on a validation split (each recorded by
+    :meth:`bilevel_ssl.experiments.Selection.as_dict`), in the words of :meth:`~bilevel_ssl.experiments.Selection.markdown`."""
+    from .experiments import Selection
+
+    chosen = [Selection(**{**v, "values": tuple(v["values"]), "scores": tuple(v["scores"])}).markdown()
+              for v in record.values() if isinstance(v, dict) and {"option", "values", "scores", "chosen"} <= v.keys()]
+    return " ".join(chosen)
 
 
 def render_readme(text: str, root: str | Path | None = None) -> str:
