@@ -83,6 +83,9 @@ def test_readme_blocks_are_generated_from_the_metrics(tmp_path):
     assert ("**R1: supported** (1 of 1 primary comparisons supported, none contradicted). Primary comparisons "
             "(mean A − B): A > B: knn_acc: +0.051 (CI [+0.010, +0.090] at 95.0%, MDE 0.030, n = 5; supported).") in block
     assert "S_gen" not in block  # secondary comparisons stay in the notebook
+    md, page = (path.read_text() for path in build(tmp_path))  # the index shows the same two lines
+    assert "simclr 0.800 vs untrained 0.650 (+0.150) — passed." in md and "0.01: 0.770, 0.1: diverged" in md
+    assert "<p>gessl_args.inner_lr chosen on validation: 0.01 (5-NN" in page
     text = "intro\n<!-- results 10_gessl gpu -->\nstale 0.123\n<!-- /results -->\nafter\n"
     new = render_readme(text, tmp_path)
     assert "stale" not in new and "| simclr | 0.750 |" in new and new.endswith("<!-- /results -->\nafter\n")

@@ -148,6 +148,9 @@ def _build(root: Path, runs: dict, name: str, what: str) -> tuple[Path, Path]:
                 md += [stale, ""]
                 page.append(f"<p><b>{html.escape(stale.replace('**', '').replace('`', ''))}</b></p>")
             md += [_md_table(header, rows)]
+            notes = [line for line in (_learning_line(record), _selections(record)) if line]
+            for line in notes:
+                md += [line, ""]
             if verdicts:
                 md += ["Verdicts:", ""] + [f"- **{k}**: {v}" for k, v in verdicts.items()] + [""]
             if figures:
@@ -155,6 +158,7 @@ def _build(root: Path, runs: dict, name: str, what: str) -> tuple[Path, Path]:
             page.append(f"<h3>{html.escape(profile)}</h3><p class='meta'>{html.escape(_summary(record))} — "
                         f"<a href='{rel}/{notebook}.ipynb'>notebook</a>, <a href='{rel}/metrics.json'>metrics.json"
                         f"</a></p>{_html_table(header, rows)}")
+            page += [f"<p>{html.escape(line.replace('**', ''))}</p>" for line in notes]
             if verdicts:
                 page.append("<ul>" + "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"
                                              for k, v in verdicts.items()) + "</ul>")
@@ -252,16 +256,23 @@ def readme_block(notebook: str, profile: str, root: str | Path | None = None) ->
     stale = _stale_line(notebook, profile, record, root)
     if stale:
         lines[0:0] = [stale, ""]
-    check = record.get("learning_check")
-    if check:
-        bases = ", ".join(f"{b} {v['trained']:.3f} vs untrained {v['untrained']:.3f} ({v['gain']:+.3f})"
-                          for b, v in check.get("bases", {}).items())
-        lines += ["", f"Learning check ({check.get('metric')}, needs +{check.get('margin', 0):.2f}): {bases} — "
-                  + ("passed." if check.get("ok") else "**failed: no verdicts**.")]
-    lines += ["", line] if (line := _selections(record)) else []
+    for line in (_learning_line(record), _selections(record)):
+        lines += ["", line] if line else []
     for cid, claim in (record.get("claims") or {}).items():
         lines += ["", _claim_paragraph(cid, claim)]
     return "\n".join(lines) + "\n"
+
+
+def _learning_line(record: dict) -> str:
+    """The learning check of a run (``metrics.json`` ``learning_check``: each base's score against the untrained
+    network and whether the margin was met), or ``""`` when the run recorded none."""
+    check = record.get("learning_check")
+    if not check:
+        return ""
+    bases = ", ".join(f"{b} {v['trained']:.3f} vs untrained {v['untrained']:.3f} ({v['gain']:+.3f})"
+                      for b, v in check.get("bases", {}).items())
+    return (f"Learning check ({check.get('metric')}, needs +{check.get('margin', 0):.2f}): {bases} — "
+            + ("passed." if check.get("ok") else "**failed: no verdicts**."))
 
 
 def _selections(record: dict) -> str:
