@@ -71,13 +71,15 @@ def test_readme_blocks_are_generated_from_the_metrics(tmp_path):
                                        "learning_check": {"metric": "knn_acc", "margin": 0.1, "ok": True,
                                                           "bases": {"simclr": {"trained": 0.8, "untrained": 0.65,
                                                                                "gain": 0.15}}},
+                                       "lr_used": 0.1,
                                        "lr_selection": {"option": "gessl_args.inner_lr", "values": [0.01, 0.1],
                                                         "scores": [0.77, float("nan")], "chosen": 0.01, "metric": "knn_acc",
                                                         "fit_images": 1600, "validation_images": 400, "seed": 0}})
     block = readme_block("10_gessl", "gpu", tmp_path)
     assert ("**gessl_args.inner_lr chosen on validation**: 0.01 (5-NN on a validation split of the training classes - "
             "400 images held out of the 2000 training images, never the test split; one run per value, seed 0: "
-            "0.01: 0.770, 0.1: diverged).") in block  # NaN: a diverged candidate
+            "0.01: 0.770, 0.1: diverged). The runs of this profile use 0.1: **not** the validation choice (0.01); set it in "
+            "the params to follow the protocol.") in block  # NaN: a diverged candidate; lr_used: what the runs used
     assert "| simclr | 0.750 |" in block
     assert "simclr 0.800 vs untrained 0.650 (+0.150) — passed." in block
     assert ("**R1: supported** (1 of 1 primary comparisons supported, none contradicted). Primary comparisons "

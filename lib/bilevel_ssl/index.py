@@ -277,11 +277,15 @@ def _learning_line(record: dict) -> str:
 
 def _selections(record: dict) -> str:
     """The hyper-parameters the run chose on a validation split (each recorded by
-    :meth:`bilevel_ssl.experiments.Selection.as_dict`), in the words of :meth:`~bilevel_ssl.experiments.Selection.markdown`."""
+    :meth:`bilevel_ssl.experiments.Selection.as_dict` as ``<name>_selection``), in the words of
+    :meth:`~bilevel_ssl.experiments.Selection.markdown`, with whether the runs used the choice when the record has
+    ``<name>_used`` (the value the profile's runs trained with)."""
     from .experiments import Selection
 
-    chosen = [Selection(**{**v, "values": tuple(v["values"]), "scores": tuple(v["scores"])}).markdown()
-              for v in record.values() if isinstance(v, dict) and {"option", "values", "scores", "chosen"} <= v.keys()]
+    chosen = [Selection(**{**v, "values": tuple(v["values"]), "scores": tuple(v["scores"])}).markdown(
+                  used=record.get(key.removesuffix("_selection") + "_used") if key.endswith("_selection") else None)
+              for key, v in record.items()
+              if isinstance(v, dict) and {"option", "values", "scores", "chosen"} <= v.keys()]
     return " ".join(chosen)
 
 
