@@ -367,6 +367,24 @@ def test_select_on_validation_picks_the_best_finite_score(monkeypatch, capsys, t
         select_on_validation("x", {1: make_config("simclr", seed=0), 2: make_config("simclr", seed=1)}, data)
     with pytest.raises(FloatingPointError, match="every candidate diverged"):
         select_on_validation("gessl_args.inner_lr", {1.0: cands[1.0]}, data)
+    capsys.readouterr()
+    # several seeds per value: the mean decides (seed 0 alone would choose 0.01, the mean 0.1)
+    per_seed = {(0.01, 0): 0.60, (0.01, 1): 0.50, (0.1, 0): 0.55, (0.1, 1): 0.65}
+    monkeypatch.setattr(cache, "cached_train", lambda cfg, images, **kw: types.SimpleNamespace(
+        backbone=(cfg.meta_args["inner_lr"], cfg.seed), cached=cfg.seed == 0))
+    monkeypatch.setattr(protocol, "knn", lambda backbone, splits, device="cpu": per_seed[backbone])
+    multi = {a: [make_config("simclr", meta="gessl", seed=s, meta_args={"inner_lr": a}) for s in (0, 1)]
+             for a in (0.01, 0.1)}
+    sel = select_on_validation("gessl_args.inner_lr", multi, data)
+    assert capsys.readouterr().out.splitlines() == [
+        "gessl_args.inner_lr = 0.01: validation 5-NN 0.550, mean of seed 0: 0.600, seed 1: 0.500 (1 trained, 1 cache)",
+        "gessl_args.inner_lr = 0.1: validation 5-NN 0.600, mean of seed 0: 0.550, seed 1: 0.650 (1 trained, 1 cache)"]
+    assert sel.chosen == 0.1 and sel.scores == pytest.approx((0.55, 0.6)) and sel.seeds == (0, 1) and sel.as_dict()["seeds"] == [0, 1]
+    assert "the mean of 2 runs per value, seeds 0, 1: 0.01: 0.550, 0.1: 0.600)" in sel.markdown()
+    with pytest.raises(ValueError, match=r"share one seed \(or one list of seeds\), got 0.01: \[0, 1\], 0.1: \[0\]"):
+        select_on_validation("gessl_args.inner_lr", {0.01: multi[0.01], 0.1: multi[0.1][:1]}, data)
+    with pytest.raises(ValueError, match="distinct seeds"):
+        select_on_validation("gessl_args.inner_lr", {0.01: [multi[0.01][0]] * 2}, data)
 
 
 def test_recipes_with_replaces_one_objective_option_and_keeps_the_rest():

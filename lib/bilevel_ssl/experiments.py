@@ -113,9 +113,10 @@ class Selection:
     chosen: object
     fit_images: int
     validation_images: int
-    seed: int
+    seed: int  # the (first) training seed of every candidate
     metric: str = "knn_acc"
     scored_by: str = "5-NN on a validation split of the training classes"  # how a candidate was scored
+    seeds: tuple = ()  # when each candidate trained once per seed: all of them (its score is the mean over them)
 
     @staticmethod
     def score_each(option: str, values, score: Callable[[object], tuple[float, str]]) -> list[float]:
@@ -156,9 +157,11 @@ class Selection:
         runs use the choice."""
         cands = ", ".join(f"{v:g}: {s:.3f}" if math.isfinite(s) else f"{v:g}: diverged"
                           for v, s in zip(self.values, self.scores))
+        runs = (f"the mean of {len(self.seeds)} runs per value, seeds {', '.join(map(str, self.seeds))}"
+                if len(self.seeds) > 1 else f"one run per value, seed {self.seed}")
         text = (f"**{self.option} chosen on validation**: {self.chosen:g} ({self.scored_by} - "
                 f"{self.validation_images} images held out of the {self.fit_images + self.validation_images}"
-                f" training images, never the test split; one run per value, seed {self.seed}: {cands})")
+                f" training images, never the test split; {runs}: {cands})")
         if used is not None:
             text += (f". The runs of this profile use {used:g}: " + ("the validation choice" if used == self.chosen
                      else f"**not** the validation choice ({self.chosen:g}); set it in the params to follow the "
@@ -169,35 +172,50 @@ class Selection:
         return {"option": self.option, "values": list(self.values), "scores": list(self.scores),
                 "chosen": self.chosen, "metric": self.metric, "scored_by": self.scored_by,
                 "fit_images": self.fit_images,
-                "validation_images": self.validation_images, "seed": self.seed}
+                "validation_images": self.validation_images, "seed": self.seed, "seeds": list(self.seeds)}
 
 
 def select_on_validation(option: str, candidates: Mapping, data: Data, *, fraction: float = 0.2,
                          run_monitors: Callable[[TrainConfig], dict] | None = None) -> Selection:
-    """Choose among ``candidates = {value: TrainConfig}`` (all with the same seed) on :func:`validation_data`:
-    each configuration is pre-trained on the fit part (cached like every run) and scored by 5-NN of its validation
-    images against the fit images; the highest score wins, the first listed on a tie.  A run whose gradients
-    become non-finite scores NaN and is never chosen.  Float32 scores can differ in the last digits between CPUs,
-    so two candidates within noise of each other may swap on another machine; the selection prints every score."""
+    """Choose among ``candidates = {value: TrainConfig}`` (all with the same seed), or ``{value: [TrainConfig, ...]}``
+    (one configuration per seed, the same seeds for every value), on :func:`validation_data`: each configuration is
+    pre-trained on the fit part (cached like every run) and scored by 5-NN of its validation images against the fit
+    images; a value's score is the mean over its seeds; the highest score wins, the first listed on a tie.  A run
+    whose gradients become non-finite scores NaN (its value too) and is never chosen.  Float32 scores can differ in
+    the last digits between CPUs, so two candidates within noise of each other may swap on another machine; the
+    selection prints every score.  One seed is the cheapest; several are worth it when the candidates are close:
+    notebook 11's α at seed 0 alone preferred 0.001 by 0.009, the mean of seeds 0-2 0.01 by 0.026."""
     from .cache import cached_train
     from .protocol import knn
 
     if not candidates:
         raise ValueError(f"{option}: no candidate value to choose from")
-    seeds = {cfg.seed for cfg in candidates.values()}
-    if len(seeds) != 1:
-        raise ValueError(f"{option}: the candidates must share one seed, got seeds {sorted(seeds)}")
+    runs = {v: (tuple(c) if isinstance(c, (list, tuple)) else (c,)) for v, c in candidates.items()}
+    seed_sets = {tuple(cfg.seed for cfg in cfgs) for cfgs in runs.values()}
+    if len(seed_sets) != 1:
+        raise ValueError(f"{option}: the candidates must share one seed (or one list of seeds), got "
+                         f"{', '.join(f'{v:g}: {[c.seed for c in cfgs]}' for v, cfgs in runs.items())}")
+    seeds = seed_sets.pop()
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"{option}: each candidate needs distinct seeds, got {list(seeds)}")
     val = validation_data(data, fraction)
 
     def score(value):
-        cfg = candidates[value]
-        run = cached_train(cfg, val.pretrain, **(run_monitors(cfg) if run_monitors else {}))
-        acc = knn(run.backbone, val.splits, device=cfg.resolved_device())
-        return acc, f"validation 5-NN {acc:.3f} ({'cache' if run.cached else 'trained'})"
+        accs, cached = [], 0
+        for cfg in runs[value]:
+            run = cached_train(cfg, val.pretrain, **(run_monitors(cfg) if run_monitors else {}))
+            accs.append(knn(run.backbone, val.splits, device=cfg.resolved_device()))
+            cached += bool(run.cached)
+        mean = sum(accs) / len(accs)
+        if len(accs) == 1:
+            return mean, f"validation 5-NN {mean:.3f} ({'cache' if cached else 'trained'})"
+        each = ", ".join(f"seed {s}: {a:.3f}" for s, a in zip(seeds, accs))
+        return mean, f"validation 5-NN {mean:.3f}, mean of {each} ({len(accs) - cached} trained, {cached} cache)"
 
     scores = Selection.score_each(option, tuple(candidates), score)
     return Selection.best(option, tuple(candidates), scores, fit_images=len(val.splits.train),
-                          validation_images=len(val.splits.test), seed=seeds.pop())
+                          validation_images=len(val.splits.test), seed=seeds[0],
+                          seeds=seeds if len(seeds) > 1 else ())
 
 
 def check_values(key: str, values, allowed: Iterable, why: str = "") -> None:

@@ -282,7 +282,8 @@ def _selections(record: dict) -> str:
     ``<name>_used`` (the value the profile's runs trained with)."""
     from .experiments import Selection
 
-    chosen = [Selection(**{**v, "values": tuple(v["values"]), "scores": tuple(v["scores"])}).markdown(
+    chosen = [Selection(**{**v, "values": tuple(v["values"]), "scores": tuple(v["scores"]),
+                                 "seeds": tuple(v.get("seeds", ()))}).markdown(
                   used=record.get(key.removesuffix("_selection") + "_used") if key.endswith("_selection") else None)
               for key, v in record.items()
               if isinstance(v, dict) and {"option", "values", "scores", "chosen"} <= v.keys()]
