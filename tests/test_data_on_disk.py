@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import socket
-import time
 import urllib.request
 from pathlib import Path
 
@@ -281,10 +280,8 @@ def test_quickstart_paper_profile_runs_offline_on_a_cifar10_folder(tmp_path, mon
             "backbone": "conv4", "width": 16, "n_episodes": 3, "tsne_samples": 20, "device": "cpu"}
     params = {**params, **tiny, "profile": "paper"}
     out = tmp_path / "executed.ipynb"
-    t0 = time.perf_counter()
     papermill.execute_notebook(str(notebook), str(out), parameters=params, kernel_name="python3", cwd=str(repo),
                                progress_bar=False)
-    elapsed = time.perf_counter() - t0
 
     assert (tmp_path / "kernel-offline").exists(), "the kernel's startup file did not run to its end"
     metrics = json.loads((root / "outputs" / "00_quickstart" / "paper" / "metrics.json").read_text())
@@ -296,4 +293,3 @@ def test_quickstart_paper_profile_runs_offline_on_a_cifar10_folder(tmp_path, mon
     text = out.read_text()
     assert "cifar10: base classes" in text and "pre-training images 64" in text
     assert not network_log.exists(), f"the kernel tried the network: {network_log.read_text()}"
-    assert elapsed < 120, f"the offline quickstart took {elapsed:.0f} s"
