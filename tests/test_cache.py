@@ -25,12 +25,15 @@ def test_second_call_loads_the_finished_run(tiny, tmp_path, monkeypatch):
     import bilevel_ssl.cache as cache
     from bilevel_ssl.report import write_metrics
 
-    monkeypatch.setattr(cache, "RUN_COUNTS", {"trained": 0, "from_cache": 0})
+    monkeypatch.setattr(cache, "RUN_COUNTS", {"trained": 0, "from_cache": 0, "from_cache_train_s": 0.0})
     first = cached_train(cfg(), tiny, root=tmp_path)
     second = cached_train(cfg(progress=True, checkpoint_every=1), tiny, root=tmp_path)  # run control: same key
     assert (first.cached, second.cached) == (False, True)
     record = json.loads(write_metrics(tmp_path / "run", params={}, results={}, seed=0).read_text())
-    assert record["training_runs"] == {"trained": 1, "from_cache": 1}  # what the run time was spent on
+    trained_s = sum(h["time_s"] for h in first.history)  # the loaded run's training, where it was made
+    assert trained_s > 0
+    assert record["training_runs"] == {"trained": 1, "from_cache": 1,  # what the run time was spent on
+                                       "from_cache_train_s": round(trained_s, 1)}
     assert second.out_dir == first.out_dir
     assert second.history == first.history
     a, b = state(first.net), state(second.net)

@@ -22,6 +22,9 @@ def test_index_has_a_section_per_notebook_with_table_verdicts_and_figures(tmp_pa
           "wall_time_s": 1234.4, "machine": {"processor": "x86_64", "cpus": 2}, "git_sha": "abcdef1234567890"},
          figures=["fig_tsne.png"])
     _run(tmp_path, "10_gessl", "smoke", {"results": {"simclr": {"knn_acc": 0.5}}, "wall_time_s": 9})
+    _run(tmp_path, "11_gessl", "default", {"results": {"simclr": {"knn_acc": 0.5}}, "wall_time_s": 631,
+                                           "training_runs": {"trained": 2, "from_cache": 22,
+                                                             "from_cache_train_s": 4012.4}})
     _run(tmp_path, "00_quickstart", "default", {"results": {"accuracy": 0.9}, "wall_time_s": 48,
                                                    "training_runs": {"trained": 0, "from_cache": 21}})
     (tmp_path / "cache" / "simclr-none-abc").mkdir(parents=True)
@@ -36,6 +39,8 @@ def test_index_has_a_section_per_notebook_with_table_verdicts_and_figures(tmp_pa
     assert "**R1 GeSSL improves linear**: does not hold at this scale" in md
     assert "run time 1234 s;" in md and "git abcdef123456" in md  # no training_runs recorded: none claimed
     assert "run time 48 s (pre-training runs through the encoder cache: 0 trained here, 21 loaded)" in md
+    assert ("run time 631 s (pre-training runs through the encoder cache: 2 trained here, 22 loaded, whose training "
+            "took 4012 s where they were made)") in md
     assert "[fig_tsne.png](10_gessl/default/fig_tsne.png)" in md
     assert "| accuracy | 0.900 |" in md
     assert "cache" not in md.split("## ")[1:][0]

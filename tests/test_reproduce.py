@@ -119,3 +119,30 @@ def test_jobs_run_notebooks_in_parallel_processes_and_report_a_failure(fake_repo
     assert (fake_repo / "outputs" / "index.md").exists()
     assert reproduce.main(["--profile", "smoke", "--jobs", "0"]) == 2
     assert "--jobs: must be >= 1" in capsys.readouterr().err
+
+
+def _record(repo, name, profile, **fields):
+    folder = repo / "outputs" / name / profile
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(fields))
+
+
+def test_estimate_adds_the_training_of_runs_loaded_from_the_cache(fake_repo, capsys):
+    # made from a full cache: 52 s of notebook, 23 loaded runs that took 5000 s to train where they were made
+    _record(fake_repo, "01_x", "smoke", wall_time_s=52.0,
+            training_runs={"trained": 0, "from_cache": 23, "from_cache_train_s": 5000.0})
+    assert reproduce.estimate_s("01_x", "smoke") == 5052.0 and reproduce.unrecorded_loads("01_x", "smoke") == 0
+    # everything trained here: the wall time is the estimate
+    _record(fake_repo, "02_y", "smoke", wall_time_s=600.0,
+            training_runs={"trained": 4, "from_cache": 0, "from_cache_train_s": 0.0})
+    assert reproduce.estimate_s("02_y", "smoke") == 600.0 and reproduce.unrecorded_loads("02_y", "smoke") == 0
+    # written before the field: the loaded runs' time is unknown, and the estimate says it is low
+    _record(fake_repo, "03_z", "smoke", wall_time_s=631.0, training_runs={"trained": 2, "from_cache": 22})
+    assert reproduce.estimate_s("03_z", "smoke") == 631.0 and reproduce.unrecorded_loads("03_z", "smoke") == 22
+    _notebook(fake_repo / "notebooks" / "03_z.ipynb", ["pass"], "profile: str = 'x'")
+    (fake_repo / "params" / "smoke" / "03_z.yaml").write_text("{}\n")
+    assert reproduce.main(["--profile", "smoke", "--nb", "03_z"]) == 0
+    out = capsys.readouterr().out
+    assert "estimate from the last runs here" in out and "11 min" in out  # 631 s
+    assert ("the estimate is low for 03_z (its last run loaded 22 pre-training runs from the encoder cache and did "
+            "not record their training time)") in out

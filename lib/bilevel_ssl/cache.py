@@ -124,9 +124,11 @@ def entry_dir(cfg: TrainConfig, data: ImageSet, tag: str = "", root: str | Path 
 
 
 # this process's cached_train calls by outcome: "trained" (trained here, or resumed from a checkpoint) and
-# "from_cache" (a finished entry loaded); report.write_metrics records them, so that a notebook's run time can be read
-# as the cost it was (48 s with every run loaded is not what the notebook costs on a fresh clone)
-RUN_COUNTS = {"trained": 0, "from_cache": 0}
+# "from_cache" (a finished entry loaded), and "from_cache_train_s", the training seconds the loaded runs took where
+# they were made (the sum of their epochs' time_s); report.write_metrics records them, so that a notebook's run time
+# can be read as the cost it was (48 s with every run loaded is not what the notebook costs on a fresh clone) and
+# make reproduce can estimate a run whose cache is empty (reproduce.estimate_s)
+RUN_COUNTS = {"trained": 0, "from_cache": 0, "from_cache_train_s": 0.0}
 
 
 @dataclass
@@ -156,6 +158,7 @@ def cached_train(cfg: TrainConfig, data: ImageSet, *, tag: str = "", root: str |
             net.load_state_dict(ckpt["net"])
             net.to(cfg.resolved_device())
             RUN_COUNTS["from_cache"] += 1
+            RUN_COUNTS["from_cache_train_s"] += sum(float(h.get("time_s", 0.0)) for h in ckpt["history"])
             return CachedRun(net, ckpt["history"], folder, cached=True)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "key.json").write_text(json.dumps(cache_key(cfg, data, tag), indent=2, sort_keys=True) + "\n")

@@ -91,8 +91,11 @@ def _summary(record: dict) -> str:
     m = record.get("machine") or {}
     wall = record.get("wall_time_s")
     runs = record.get("training_runs") or {}
+    loaded_s = runs.get("from_cache_train_s") or 0
     counted = (f" (pre-training runs through the encoder cache: {runs.get('trained', 0)} trained here, "
-               f"{runs.get('from_cache', 0)} loaded)") if runs else ""
+               f"{runs.get('from_cache', 0)} loaded"
+               + (f", whose training took {loaded_s:.0f} s where they were made" if loaded_s else "")
+               + ")") if runs else ""
     parts = [(f"run time {wall:.0f} s" if isinstance(wall, (int, float)) else "run time unknown") + counted,
              f"machine: {m.get('cuda') or m.get('processor', '?')}, {m.get('cpus', '?')} CPUs",
              f"git {str(record.get('git_sha', '?'))[:12]}", f"written {record.get('written', '?')}"]

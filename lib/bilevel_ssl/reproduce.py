@@ -9,7 +9,10 @@ A run never silently replaces an earlier one: the previous ``outputs/<name>/<pro
 ``outputs/<name>/archive/`` first (:func:`archive_previous`; the index lists only the current runs).
 
 Before anything runs it prints an estimate (each notebook's last measured ``wall_time_s`` of this profile, from
-its ``metrics.json`` or the newest archived one) and then shows one overall progress bar in notebook-seconds.
+its ``metrics.json`` or the newest archived one, plus the training time of the runs that run loaded from the encoder
+cache, so that a run made from a full cache does not promise a fresh clone minutes for hours; runs that notebooks
+share are counted in each, so the sum is an upper bound for one run in order) and then shows one overall progress
+bar in notebook-seconds.
 ``--resume`` skips every notebook whose ``metrics.json`` of this profile is complete and was written with the
 same parameters, so a killed ``make reproduce`` started again goes on where it stopped (training runs resume
 from their checkpoints in ``outputs/cache`` anyway).  ``--jobs N`` runs N notebooks at once, each in its own
@@ -110,9 +113,8 @@ def _metrics(name: str, profile: str) -> dict | None:
         return None
 
 
-def estimate_s(name: str, profile: str) -> float | None:
-    """The last measured wall time of ``name`` under ``profile`` (its current ``metrics.json``, else the newest
-    archived one), or None when it never ran here."""
+def _last_record(name: str, profile: str) -> dict | None:
+    """``metrics.json`` of the last run of ``name`` under ``profile``: the current one, else the newest archived."""
     found = _metrics(name, profile)
     if found is None:
         archived = sorted((outputs_dir() / name / "archive").glob(f"{profile}-*/metrics.json"),
@@ -123,8 +125,27 @@ def estimate_s(name: str, profile: str) -> float | None:
                 break
             except (OSError, ValueError):
                 continue
-    t = (found or {}).get("wall_time_s")
-    return float(t) if isinstance(t, (int, float)) else None
+    return found
+
+
+def estimate_s(name: str, profile: str) -> float | None:
+    """What the last run of ``name`` under ``profile`` would cost with an empty encoder cache: its measured wall
+    time plus the training seconds of the runs it loaded from the cache (``training_runs.from_cache_train_s`` of its
+    ``metrics.json``; runs recorded before that field count 0, see :func:`unrecorded_loads`), or None when it never
+    ran here."""
+    found = _last_record(name, profile) or {}
+    t = found.get("wall_time_s")
+    if not isinstance(t, (int, float)):
+        return None
+    loaded = (found.get("training_runs") or {}).get("from_cache_train_s")
+    return float(t) + (float(loaded) if isinstance(loaded, (int, float)) else 0.0)
+
+
+def unrecorded_loads(name: str, profile: str) -> int:
+    """How many runs the last run of ``name`` loaded from the encoder cache without recording their training time
+    (metrics.json written before ``from_cache_train_s``): its estimate leaves their training out."""
+    runs = (_last_record(name, profile) or {}).get("training_runs") or {}
+    return int(runs.get("from_cache", 0)) if "from_cache_train_s" not in runs else 0
 
 
 def is_done(name: str, params: dict, profile: str) -> bool:
@@ -178,6 +199,11 @@ def run(names: list[str], profile: str, *, log_output: bool = False, resume: boo
           f"(BILEVEL_SSL_THREADS), {jobs} at a time; estimate from the last runs here: "
           f"{_fmt(sum(known.values()) / jobs) if known else 'none'}"
           + (f" + {', '.join(unknown)} (never ran here)" if unknown else ""), flush=True)
+    low = {n: k for n, _ in plan if (k := unrecorded_loads(n, profile))}
+    if low:
+        print("[reproduce] the estimate is low for " + ", ".join(
+            f"{n} (its last run loaded {k} pre-training runs from the encoder cache and did not record their "
+            f"training time)" for n, k in low.items()) + "; with an empty cache they train", flush=True)
     bar = tqdm(total=round(sum(known.values()) + 60 * len(unknown)), unit="s", desc=f"reproduce {profile}",
                disable=not plan)
     timings, failed = {}, None
