@@ -10,8 +10,8 @@ A run never silently replaces an earlier one: the previous ``outputs/<name>/<pro
 
 Before anything runs it prints an estimate (each notebook's last measured ``wall_time_s`` of this profile, from
 its ``metrics.json`` or the newest archived one, plus the training time of the runs that run loaded from the encoder
-cache, so that a run made from a full cache does not promise a fresh clone minutes for hours; runs that notebooks
-share are counted in each, so the sum is an upper bound for one run in order) and then shows one overall progress
+cache, so that a run made from a full cache does not promise a fresh clone minutes for hours; a run that several
+notebooks share is counted in each, so their sum overstates one run in order) and then shows one overall progress
 bar in notebook-seconds.
 ``--resume`` skips every notebook whose ``metrics.json`` of this profile is complete and was written with the
 same parameters, so a killed ``make reproduce`` started again goes on where it stopped (training runs resume
