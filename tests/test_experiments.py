@@ -11,7 +11,7 @@ from scipy import stats
 
 from bilevel_ssl.config import ConfigError
 from bilevel_ssl.experiments import (RECIPES, Data, recipes_with, augment_subset_config, check_values, compare_meta_gradients,
-                                     config_key, conflict_stats, grad_norm_stats, gradient_agreement, history_stats,
+                                     selection_seed_list, config_key, conflict_stats, grad_norm_stats, gradient_agreement, history_stats,
                                      knn_monitor, make_config, meta_step_gradients,
                                      probe_loss_monitor, run_rows, summarize, train_and_evaluate)
 
@@ -119,6 +119,14 @@ def test_check_values_names_the_parameter_and_the_bad_values():
         check_values("grid_seeds", [5], [0, 1], "a subset of seeds")
     with pytest.raises(ValueError, match="grid_base: 'byol' not allowed"):  # a string is one value, not its letters
         check_values("grid_base", "byol", ["simclr"])
+
+
+def test_selection_seed_list_takes_the_first_seeds_and_names_the_key_otherwise():
+    assert selection_seed_list(1, [3, 1, 2]) == [3]
+    assert selection_seed_list(3, (3, 1, 2)) == [3, 1, 2]  # the order of seeds, not sorted
+    for bad in (0, 4, -1, 2.0, True, "2"):
+        with pytest.raises(ValueError, match=r"^selection_seeds: .* not allowed; allowed: 1 to len\(seeds\) = 3$"):
+            selection_seed_list(bad, [3, 1, 2])
 
 
 def test_config_key_is_the_whole_configuration():

@@ -228,6 +228,18 @@ def check_values(key: str, values, allowed: Iterable, why: str = "") -> None:
                          + f"; allowed: {', '.join(map(str, allowed))}")
 
 
+def selection_seed_list(selection_seeds: int, seeds: Sequence[int]) -> list[int]:
+    """The seeds each candidate of a validation selection trains on: the first ``selection_seeds`` of ``seeds``
+    (:func:`select_on_validation` scores their mean; one seed was too noisy in notebooks 11 and 40).  Raises
+    ``ValueError`` naming the notebook parameter ``selection_seeds`` and the allowed range unless it is an integer
+    from 1 to ``len(seeds)`` - checked before anything trains."""
+    seeds = list(seeds)
+    if isinstance(selection_seeds, bool) or not isinstance(selection_seeds, int) \
+            or not 1 <= selection_seeds <= len(seeds):
+        raise ValueError(f"selection_seeds: {selection_seeds!r} not allowed; allowed: 1 to len(seeds) = {len(seeds)}")
+    return seeds[:selection_seeds]
+
+
 def make_config(objective: str, *, meta: str = "none", dataset: str = "mnistm5k", seed: int = 0, epochs: int = 10,
                 batch_size: int = 256, lr: float = 0.05, optimizer: str = "sgd", weight_decay: float = 1e-4,
                 backbone: str = "conv4", backbone_args: dict | None = None, meta_args: dict | None = None,
