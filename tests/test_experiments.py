@@ -388,7 +388,16 @@ def test_select_on_validation_picks_the_best_finite_score(monkeypatch, capsys, t
         "gessl_args.inner_lr = 0.01: validation 5-NN 0.550, mean of seed 0: 0.600, seed 1: 0.500 (1 trained, 1 cache)",
         "gessl_args.inner_lr = 0.1: validation 5-NN 0.600, mean of seed 0: 0.550, seed 1: 0.650 (1 trained, 1 cache)"]
     assert sel.chosen == 0.1 and sel.scores == pytest.approx((0.55, 0.6)) and sel.seeds == (0, 1) and sel.as_dict()["seeds"] == [0, 1]
-    assert "the mean of 2 runs per value, seeds 0, 1: 0.01: 0.550, 0.1: 0.600)" in sel.markdown()
+    assert sel.seed_scores == ((0.60, 0.50), (0.55, 0.65))
+    assert sel.as_dict()["seed_scores"] == [[0.60, 0.50], [0.55, 0.65]]
+    assert ("the mean of 2 runs per value, seeds 0, 1 (in brackets: each seed's score, in that order): "
+            "0.01: 0.550 (0.600 / 0.500), 0.1: 0.600 (0.550 / 0.650))") in sel.markdown()
+    from bilevel_ssl.index import _selections  # the README / index line from metrics.json reads the same
+    assert _selections({"inner_lr_selection": sel.as_dict(), "inner_lr_used": 0.1}) == sel.markdown(used=0.1)
+    old = {k: v for k, v in sel.as_dict().items() if k != "seed_scores"}  # a record written before seed_scores
+    assert _selections({"x_selection": old}) == sel.markdown().replace(
+        " (in brackets: each seed's score, in that order)", "").replace(" (0.600 / 0.500)", "").replace(
+        " (0.550 / 0.650)", "")
     with pytest.raises(ValueError, match=r"share one seed \(or one list of seeds\), got 0.01: \[0, 1\], 0.1: \[0\]"):
         select_on_validation("gessl_args.inner_lr", {0.01: multi[0.01], 0.1: multi[0.1][:1]}, data)
     with pytest.raises(ValueError, match="distinct seeds"):

@@ -117,6 +117,7 @@ class Selection:
     metric: str = "knn_acc"
     scored_by: str = "5-NN on a validation split of the training classes"  # how a candidate was scored
     seeds: tuple = ()  # when each candidate trained once per seed: all of them (its score is the mean over them)
+    seed_scores: tuple = ()  # with seeds: per value, its score at each seed in that order (empty: it diverged)
 
     @staticmethod
     def score_each(option: str, values, score: Callable[[object], tuple[float, str]]) -> list[float]:
@@ -155,9 +156,16 @@ class Selection:
     def markdown(self, used=None) -> str:
         """One paragraph: the candidates and scores, the choice and - given the value the runs use - whether the
         runs use the choice."""
-        cands = ", ".join(f"{v:g}: {s:.3f}" if math.isfinite(s) else f"{v:g}: diverged"
-                          for v, s in zip(self.values, self.scores))
+        each = dict(zip(self.values, self.seed_scores))
+
+        def cand(v, s):
+            if not math.isfinite(s):
+                return f"{v:g}: diverged"
+            return f"{v:g}: {s:.3f}" + (f" ({' / '.join(f'{a:.3f}' for a in each[v])})" if each.get(v) else "")
+
+        cands = ", ".join(cand(v, s) for v, s in zip(self.values, self.scores))
         runs = (f"the mean of {len(self.seeds)} runs per value, seeds {', '.join(map(str, self.seeds))}"
+                + (" (in brackets: each seed's score, in that order)" if self.seed_scores else "")
                 if len(self.seeds) > 1 else f"one run per value, seed {self.seed}")
         text = (f"**{self.option} chosen on validation**: {self.chosen:g} ({self.scored_by} - "
                 f"{self.validation_images} images held out of the {self.fit_images + self.validation_images}"
@@ -172,7 +180,8 @@ class Selection:
         return {"option": self.option, "values": list(self.values), "scores": list(self.scores),
                 "chosen": self.chosen, "metric": self.metric, "scored_by": self.scored_by,
                 "fit_images": self.fit_images,
-                "validation_images": self.validation_images, "seed": self.seed, "seeds": list(self.seeds)}
+                "validation_images": self.validation_images, "seed": self.seed, "seeds": list(self.seeds),
+                "seed_scores": [list(x) for x in self.seed_scores]}
 
 
 def select_on_validation(option: str, candidates: Mapping, data: Data, *, fraction: float = 0.2,
@@ -183,7 +192,8 @@ def select_on_validation(option: str, candidates: Mapping, data: Data, *, fracti
     images; a value's score is the mean over its seeds; the highest score wins, the first listed on a tie.  A run
     whose gradients become non-finite scores NaN (its value too) and is never chosen.  Float32 scores can differ in
     the last digits between CPUs, so two candidates within noise of each other may swap on another machine; the
-    selection prints every score.  One seed is the cheapest; several are worth it when the candidates are close:
+    selection prints every score (and keeps each seed's in ``Selection.seed_scores``, which its Markdown shows).
+    One seed is the cheapest; several are worth it when the candidates are close:
     notebook 11's α at seed 0 alone preferred 0.001 by 0.009, the mean of seeds 0-2 0.01 by 0.026."""
     from .cache import cached_train
     from .protocol import knn
@@ -199,6 +209,7 @@ def select_on_validation(option: str, candidates: Mapping, data: Data, *, fracti
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"{option}: each candidate needs distinct seeds, got {list(seeds)}")
     val = validation_data(data, fraction)
+    each_seed = {}  # value -> its per-seed scores (absent: it diverged)
 
     def score(value):
         accs, cached = [], 0
@@ -206,6 +217,7 @@ def select_on_validation(option: str, candidates: Mapping, data: Data, *, fracti
             run = cached_train(cfg, val.pretrain, **(run_monitors(cfg) if run_monitors else {}))
             accs.append(knn(run.backbone, val.splits, device=cfg.resolved_device()))
             cached += bool(run.cached)
+        each_seed[value] = tuple(float(a) for a in accs)
         mean = sum(accs) / len(accs)
         if len(accs) == 1:
             return mean, f"validation 5-NN {mean:.3f} ({'cache' if cached else 'trained'})"
@@ -215,7 +227,8 @@ def select_on_validation(option: str, candidates: Mapping, data: Data, *, fracti
     scores = Selection.score_each(option, tuple(candidates), score)
     return Selection.best(option, tuple(candidates), scores, fit_images=len(val.splits.train),
                           validation_images=len(val.splits.test), seed=seeds[0],
-                          seeds=seeds if len(seeds) > 1 else ())
+                          seeds=seeds if len(seeds) > 1 else (),
+                          seed_scores=tuple(each_seed.get(v, ()) for v in candidates) if len(seeds) > 1 else ())
 
 
 def check_values(key: str, values, allowed: Iterable, why: str = "") -> None:

@@ -286,7 +286,8 @@ def _selections(record: dict) -> str:
     from .experiments import Selection
 
     chosen = [Selection(**{**v, "values": tuple(v["values"]), "scores": tuple(v["scores"]),
-                                 "seeds": tuple(v.get("seeds", ()))}).markdown(
+                                 "seeds": tuple(v.get("seeds", ())),
+                                 "seed_scores": tuple(tuple(x) for x in v.get("seed_scores", ()))}).markdown(
                   used=record.get(key.removesuffix("_selection") + "_used") if key.endswith("_selection") else None)
               for key, v in record.items()
               if isinstance(v, dict) and {"option", "values", "scores", "chosen"} <= v.keys()]
