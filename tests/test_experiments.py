@@ -11,9 +11,10 @@ from scipy import stats
 
 from bilevel_ssl.config import ConfigError
 from bilevel_ssl.experiments import (RECIPES, Data, recipes_with, augment_subset_config, check_values, compare_meta_gradients,
-                                     selection_seed_list, config_key, conflict_stats, grad_norm_stats, gradient_agreement, history_stats,
+                                     config_key, conflict_stats, grad_norm_stats, gradient_agreement, history_stats,
                                      knn_monitor, make_config, meta_step_gradients,
-                                     probe_loss_monitor, run_rows, summarize, train_and_evaluate)
+                                     probe_loss_monitor, run_rows, selection_seed_list, summarize,
+                                     train_and_evaluate)
 
 
 def test_make_config_applies_recipe_and_inner_lr():
