@@ -193,3 +193,23 @@ def test_machine_load_flags_a_shared_machine(monkeypatch):
     high = bench.machine_load(before=3.0)  # the busier of before and now counts
     assert high["load_average"] == 3.0 and high["shared"] is True
     assert high["note"] == "load average 3.0 on 2 cores: the machine was shared, these timings are unreliable"
+
+
+def test_hypergrad_args_reach_the_engine_cases_and_are_checked_first(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "bench_case", lambda overrides, **kw: seen.append(overrides) or {
+        "median_s": 1.0, "iqr_s": 0.0, "peak_mem_mb": 1.0, "params": 1, "views": 2})
+    monkeypatch.setattr(bench, "bench_augment", lambda **kw: 0.01)
+    record = bench.run(["gessl_aid_neumann"], progress=False, bissl=False,
+                       hypergrad_args={"power_iters_warm": None})
+    assert "hypergrad_args" not in seen[0]                     # simclr, the reference, has no engine
+    assert seen[1]["hypergrad"] == "aid_neumann" and seen[1]["hypergrad_args"] == {"power_iters_warm": None}
+    assert record["hypergrad_args"] == {"power_iters_warm": None}
+    seen.clear()
+    with pytest.raises(ValueError, match=r"^hypergrad_args: unknown second_order option\(s\) \['power_iters'\]"):
+        bench.run(["gessl_second_order"], progress=False, bissl=False, hypergrad_args={"power_iters": 3})
+    with pytest.raises(ValueError, match="hypergrad_args: none of the cases .* has a hypergradient engine"):
+        bench.run(["byol"], progress=False, bissl=False, hypergrad_args={"power_iters": 3})
+    assert seen == []                                          # refused before anything was timed
+    with pytest.raises(SystemExit):
+        bench.main(["--cases", "gessl_aid_neumann", "--hypergrad-args", "{power_iters: 3}"])

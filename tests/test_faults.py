@@ -42,7 +42,11 @@ def same_run(a, b) -> None:
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("meta", [{}, {"meta": "gessl", "meta_args": {"m": 2}}], ids=["simclr", "gessl"])
+@pytest.mark.parametrize("meta", [{}, {"meta": "gessl", "meta_args": {"m": 2}},
+                                  # aid_neumann keeps its warm-started power vector between steps (engine state)
+                                  {"meta": "gessl", "meta_args": {"m": 2}, "hypergrad": "aid_neumann",
+                                   "hypergrad_args": {"power_iters": 1}}],
+                         ids=["simclr", "gessl", "gessl_aid_neumann"])
 def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(tiny, tmp_path, meta):
     cfg = {**CFG, **meta}
     proc = start(cfg, tmp_path, pause_at=5)  # 3 steps per epoch: step 5 = epoch 2, step 2

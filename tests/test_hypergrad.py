@@ -485,7 +485,7 @@ def test_momentum_proxy_state_dict_resumes_exactly():
     assert resumed.theta_ema is None and resumed.calls == 0
 
 
-@pytest.mark.parametrize("name", [n for n in ENGINES if n != "momentum_proxy"])
+@pytest.mark.parametrize("name", [n for n in ENGINES if n not in ("momentum_proxy", "aid_neumann")])
 def test_stateless_engines_have_empty_state_and_reject_foreign_state(name):
     eng = make_engine(name)
     assert eng.state_dict() == {}
@@ -516,6 +516,89 @@ def test_momentum_proxy_rejects_changed_shapes():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# aid_neumann's step 1/λ̂: power iteration warm-started across calls (#24)
+
+
+def _spectrum_problem(n, seed=0):
+    """L_in = ½θᵀAθ + θᵀBφ with A of eigenvalues 1..3 (ratio of the top two near 1: power iteration converges
+    slowly, so each iteration count gives a different estimate), L_out = ½‖θ − 1‖²."""
+    g = torch.Generator().manual_seed(seed)
+    A, B = spd(n, 1.0, 3.0, g), torch.randn(n, 2, generator=g, dtype=DT)
+    inner = lambda th, ph: 0.5 * th[0] @ A @ th[0] + th[0] @ B @ ph[0]  # noqa: E731
+    outer = lambda th, ph: 0.5 * ((th[0] - 1) ** 2).sum()  # noqa: E731
+    return (inner, outer, [torch.randn(n, generator=g, dtype=DT)], [torch.randn(2, generator=g, dtype=DT)]), A
+
+
+def _alpha(engine, problem):
+    return hypergradient(engine, *problem, inner_lr=0.1).logs["neumann_alpha"]
+
+
+def test_neumann_warm_start_continues_one_power_iteration_chain():
+    problem, A = _spectrum_problem(6)
+    lam_max = float(torch.linalg.eigvalsh(A).max())
+    warm = make_engine("aid_neumann", power_iters=2, power_iters_warm=1)
+    alphas = [_alpha(warm, problem) for _ in range(8)]
+    # call n on a fixed Hessian = one cold start of 2 + (n - 1) iterations from the same v
+    cold = [_alpha(make_engine("aid_neumann", power_iters=2 + n, power_iters_warm=None), problem) for n in range(8)]
+    close(torch.tensor(alphas), torch.tensor(cold), atol=0, rtol=1e-12)
+    assert abs(cold[0] - cold[7]) > 1e-3 * cold[7]             # the iteration counts give different estimates
+    assert all(a >= 1 / lam_max * (1 - 1e-12) for a in alphas)  # λ̂ <= λ_max: the step never undershoots 1/λ_max
+    assert abs(alphas[-1] * lam_max - 1) < abs(alphas[0] * lam_max - 1)
+    # without warm start every call repeats the cold estimate
+    off = make_engine("aid_neumann", power_iters=2, power_iters_warm=None)
+    assert [_alpha(off, problem) for _ in range(3)] == [cold[0]] * 3
+    assert off.state_dict() == {}
+
+
+def test_neumann_warm_vectors_are_kept_per_parameter_shapes():
+    (p4, _), (p6, _) = _spectrum_problem(4, seed=1), _spectrum_problem(6, seed=2)
+    eng = make_engine("aid_neumann", power_iters=3, power_iters_warm=2)
+    _alpha(eng, p4), _alpha(eng, p6)                           # TC²-like: two parameter sets, one engine
+    assert len(eng.state_dict()["power_vectors"]) == 2
+    cold = make_engine("aid_neumann", power_iters=5, power_iters_warm=None)
+    assert _alpha(eng, p4) == pytest.approx(_alpha(cold, p4), rel=1e-12)  # p4's chain goes on: 3 + 2 iterations
+
+
+def test_neumann_warm_state_resumes_exactly():
+    problem, _ = _spectrum_problem(6)
+    a = make_engine("aid_neumann", power_iters=1)
+    for _ in range(3):
+        hypergradient(a, *problem, inner_lr=0.1)
+    b = make_engine("aid_neumann", power_iters=1)
+    b.load_state_dict(a.state_dict())
+    ha, hb = hypergradient(a, *problem, inner_lr=0.1), hypergradient(b, *problem, inner_lr=0.1)
+    assert ha.logs == hb.logs
+    assert all(torch.equal(x, y) for x, y in zip(ha.phi_grads, hb.phi_grads))
+    state = a.state_dict()
+    b.load_state_dict(state)
+    state["power_vectors"][0][0].zero_()                       # b loaded a copy: the source's tensors can change
+    assert float(b.state_dict()["power_vectors"][0][0].norm()) == pytest.approx(1.0, rel=1e-12)
+    c = make_engine("aid_neumann", power_iters=1)
+    c.load_state_dict({})                                      # a checkpoint of a stateless engine: a cold start
+    assert _alpha(c, problem) == _alpha(make_engine("aid_neumann", power_iters=1), problem)
+    with pytest.raises(ValueError, match="aid_neumann.*unknown state \\['theta_ema'\\]; allowed: power_vectors"):
+        c.load_state_dict({"theta_ema": None})
+
+
+def test_neumann_warm_start_finds_the_spectral_radius_on_conv4():
+    """The default Conv-4 (ReLU, max-pool, train-mode BatchNorm; tests/conv4_problem.py): its inner Hessian is
+    indefinite, and power iteration estimates the largest |eigenvalue|; the warm chain of 1 iteration per call
+    reaches it within 2 % after 20 calls, where one cold iteration per call stays far below."""
+    from conv4_problem import INNER_LR, conv4_problem
+    inner, outer, theta, phi = problem = conv4_problem(0)
+    eng = make_engine("aid_neumann", power_iters=1, power_iters_warm=1)
+    alphas = [eng(*problem, inner_lr=INNER_LR).logs["neumann_alpha"] for _ in range(20)]
+    t_adapt = eng(*problem, inner_lr=INNER_LR).theta_adapted
+    shapes = [t.shape for t in theta]
+    flat_loss = lambda z: inner(split(z, shapes), phi)  # noqa: E731
+    H = torch.autograd.functional.hessian(flat_loss, flat(t_adapt).detach())
+    rho = float(torch.linalg.eigvalsh((H + H.T) / 2).abs().max())
+    assert 1 / alphas[-1] == pytest.approx(rho, rel=0.02)
+    assert 1 / alphas[0] < 0.9 * rho                            # a single cold iteration underestimates it
+    assert all(1 / a <= rho * (1 + 1e-9) for a in alphas)       # a lower bound throughout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # registry and errors
 
 
@@ -543,6 +626,7 @@ def test_unknown_engine_lists_names():
     ({"engine": "aid_cg", "cg_iter": 3}, "'cg_iter'"),
     ({"engine": "aid_neumann", "neumann_alpha": 0.0}, "neumann_alpha"),
     ({"engine": "aid_neumann", "neumann_iters": True}, "neumann_iters"),
+    ({"engine": "aid_neumann", "power_iters_warm": 0}, "power_iters_warm: must be an integer >= 1 or None"),
     ({"engine": "second_order", "fd_r": 0.1}, "'fd_r'"),
     ({"engine": "second_order", "inner_lr": 0.0}, "inner_lr"),
     ({"engine": "second_order", "inner_steps": 0}, "inner_steps"),

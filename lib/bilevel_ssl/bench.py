@@ -380,12 +380,15 @@ def stage_times(name: str, *, batch: int = 256, steps: int = 5, warmup: int = 2,
 
 
 def run(names: list[str] | None = None, *, batch: int = 256, steps: int = 10, warmup: int = 3, device: str = "cpu",
-        progress: bool = True, memory: bool = True, bissl: bool = True) -> dict:
+        progress: bool = True, memory: bool = True, bissl: bool = True, hypergrad_args: dict | None = None) -> dict:
     """Benchmark ``names`` (default: every case; ``simclr`` is always included as the reference).  ``memory``:
     also measure each case's peak memory (on CPU one extra profiled step per case).  ``bissl``: also time BiSSL's
-    lower and upper steps (:func:`bench_bissl`, under ``record["bissl"]``)."""
+    lower and upper steps (:func:`bench_bissl`, under ``record["bissl"]``).  ``hypergrad_args``: engine options
+    given to every case with a hypergradient engine (e.g. ``{"power_iters_warm": None}`` times ``aid_neumann``
+    with a cold power iteration every step), validated against each engine before anything is timed."""
     from tqdm import tqdm
 
+    from .hypergrad import make_engine
     from .report import machine, versions
 
     all_cases = cases()
@@ -393,6 +396,15 @@ def run(names: list[str] | None = None, *, batch: int = 256, steps: int = 10, wa
     unknown = [n for n in names if n not in all_cases]
     if unknown:
         raise ValueError(f"cases: unknown {unknown}; allowed: {', '.join(all_cases)}")
+    if hypergrad_args:
+        engines = {all_cases[n]["hypergrad"] for n in names if "hypergrad" in all_cases[n]}
+        if not engines:
+            raise ValueError(f"hypergrad_args: none of the cases {names} has a hypergradient engine; allowed with "
+                             f"the gessl_*, tc2_* and mcr_* cases")
+        for engine in sorted(engines):
+            make_engine(engine, **hypergrad_args)  # unknown options / bad values: an error naming the key
+        all_cases = {n: {**c, "hypergrad_args": {**c.get("hypergrad_args", {}), **hypergrad_args}}
+                     if "hypergrad" in c else c for n, c in all_cases.items()}
     for ref in sorted({reference_of(n) for n in names} | {"simclr"}, reverse=True):  # simclr first
         if ref not in names:
             names.insert(0, ref)
@@ -414,7 +426,8 @@ def run(names: list[str] | None = None, *, batch: int = 256, steps: int = 10, wa
                for name, t in TARGETS.items() if name in results}
     targets["augment_share"] = {"ratio": aug_s / ref, "target": AUGMENT_TARGET, "met": aug_s / ref <= AUGMENT_TARGET}
     record = {"batch": batch, "steps": steps, "warmup": warmup, "device": device, "reference": "simclr",
-              "augment_s": aug_s, "cases": results, "targets": targets, "machine": machine(), "versions": versions()}
+              "augment_s": aug_s, "cases": results, "targets": targets, "machine": machine(), "versions": versions(),
+              "hypergrad_args": dict(hypergrad_args or {})}
     if bissl:
         b = bench_bissl(batch=batch, steps=steps, warmup=warmup, device=device)
         b["lower_ratio"], b["upper_ratio"] = b["lower_s"] / ref, b["upper_s"] / ref
@@ -457,7 +470,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default="", help="print the time per labelled stage of this case instead (TC²)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--no-bissl", action="store_true", help="skip BiSSL's lower/upper step timing")
+    p.add_argument("--hypergrad-args", default="", metavar="JSON",
+                   help='engine options for every case with an engine, e.g. \'{"power_iters_warm": null}\'')
     a = p.parse_args(argv)
+    try:
+        hg_args = json.loads(a.hypergrad_args) if a.hypergrad_args else {}
+    except json.JSONDecodeError as err:
+        p.error(f"--hypergrad-args: not JSON ({err}): {a.hypergrad_args!r}")
+    if not isinstance(hg_args, dict):
+        p.error(f"--hypergrad-args: must be a JSON object of engine options, got {a.hypergrad_args!r}")
     if a.threads:
         torch.set_num_threads(a.threads)
     allocator = tune_cpu_allocator() if a.device != "cuda" else False
@@ -474,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k}: {v['s']:.3f} s per step ({100 * v['share']:.0f}% of {rec['step_s']:.3f} s)", file=sys.stderr)
         return 0
     names = [n.strip() for n in a.cases.split(",") if n.strip()]
-    record = run(names, batch=a.batch, steps=a.steps, warmup=a.warmup, device=a.device, bissl=not a.no_bissl)
+    record = run(names, batch=a.batch, steps=a.steps, warmup=a.warmup, device=a.device, bissl=not a.no_bissl,
+                 hypergrad_args=hg_args)
     record["cpu_allocator_tuned"] = allocator
     text = json.dumps(record, indent=2)
     print(text)

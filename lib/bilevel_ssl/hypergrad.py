@@ -410,13 +410,26 @@ class AidNeumann(_Aid):
         [∇²_θθ L_in]⁻¹ v ≈ α_N Σ_{k=0}^{K} (I − α_N ∇²_θθ L_in)^k v,    K = ``neumann_iters``,
 
     α_N = ``neumann_alpha``; it needs the spectral radius of I − α_N H below 1.  Default (``null``): 1/λ̂ with λ̂
-    the largest |eigenvalue| of ∇²_θθ L_in by ``power_iters`` (10) power iterations (10 more Hessian-vector
-    products).  The earlier default, ``inner_lr`` (Lorraine et al. use the inner optimiser's step), diverged on the
-    default Conv-4 (λ_max 50-263 against 2/α = 20: growth 1e3-1e5, φ 1e3-1e7 off); with 1/λ̂ the growth is 1.0-7
-    (the remaining excess: negative eigenvalues, for which no step converges - the quality check says so).  (GeSSL's Eq. 23
-    writes the series as Σ(−1)^k H^k, which converges only for ‖H‖ < 1; the scaled form is the cited method's.)
+    the largest |eigenvalue| of ∇²_θθ L_in by power iteration.  The earlier default, ``inner_lr`` (Lorraine et al.
+    use the inner optimiser's step), diverged on the default Conv-4 (λ_max 50-263 against 2/α = 20: growth
+    1e3-1e5, φ 1e3-1e7 off); with 1/λ̂ the growth is 1.0-7 (the remaining excess: negative eigenvalues, for which
+    no step converges - the quality check says so).  (GeSSL's Eq. 23 writes the series as Σ(−1)^k H^k, which
+    converges only for ‖H‖ < 1; the scaled form is the cited method's.)
 
-    Cost: as :class:`AidCG` with ``neumann_iters`` (+ ``power_iters`` for the default step) Hessian-vector products.
+    Power iteration, warm-started (#24): the first call runs ``power_iters`` (10) iterations from v; every later
+    call on parameters of the same shapes runs ``power_iters_warm`` (1) iterations from the previous call's vector,
+    so the iteration continues across steps (and across GeSSL's m per-task calls) on a Hessian that training changes
+    slowly, instead of restarting from v each time.  On a fixed Hessian, n calls give exactly the estimate of one
+    cold start with ``power_iters`` + (n − 1) ``power_iters_warm`` iterations (``tests/test_hypergrad.py``).  The
+    estimate stays a lower bound, λ̂ = ‖H x‖ ≤ |λ|_max for a unit x, so the step only errs towards 1/λ̂ too large,
+    which ``neumann_growth`` reports.  Why: the cold start was the engine's main cost - notebook 13's default ran 3
+    power and 2 series products per step, 56 s/epoch against ``aid_cg``'s 32 (2 products) - and 3 cold iterations
+    estimate λ_max worse than the warm-started chain.  The vectors (one per parameter-shape signature: TC² calls
+    the engine on two parameter sets) are in :meth:`state_dict`, so a resumed run continues exactly.
+    ``power_iters_warm: null`` restarts cold every call (the behaviour before).
+
+    Cost: as :class:`AidCG` with ``neumann_iters`` (+ ``power_iters_warm``, on the first call ``power_iters``, for
+    the default step) Hessian-vector products.
 
     Quality (#24), every call at no extra cost: ``neumann_growth`` = ‖(I − α_N H)^K v‖ / ‖v‖, the last term of
     the series against the first, logged.  H is symmetric, so a growth above 1 means a spectral radius of
@@ -431,19 +444,47 @@ class AidNeumann(_Aid):
     neumann_alpha: float | None = option(None, lo=0, lo_open=True, help="None: 1/λ̂ by power iteration")
     max_growth: float = option(1.0, lo=0, lo_open=True)
     on_bad: str = option("warn", choices=ON_BAD)
-    power_iters: int = option(10, lo=1)
+    power_iters: int = option(10, lo=1, help="power iterations of the first call (cold start from v)")
+    power_iters_warm: int | None = option(1, lo=1, help="iterations of each later call from the previous vector; "
+                                                        "None: a cold start of power_iters every call")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._power: dict[tuple, list[Tensor]] = {}  # parameter shapes -> the last unit power vector
+
+    def state_dict(self) -> dict:
+        return {"power_vectors": [list(x) for x in self._power.values()]} if self._power else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copies the vectors.  An empty state (a checkpoint of another engine, or of a run before its first
+        step) starts cold on the next call."""
+        unknown = set(state) - {"power_vectors"}
+        if unknown:
+            raise ValueError(f"hypergrad: engine {self.name!r}: unknown state {sorted(unknown)}; allowed: power_vectors")
+        self._power = {tuple(tuple(t.shape) for t in x): [t.detach().clone() for t in x]
+                       for x in state.get("power_vectors", [])}
 
     def _power_alpha(self, H, v) -> float:
-        """1 / |λ|_max of the inner Hessian by ``power_iters`` power iterations from v (≥ 1/λ_max, and the power
-        estimate λ̂ ≤ |λ|_max, so the positive part of the spectrum of I − αH lies in [1 − λ_max/λ̂, 1): converges
-        while λ̂ > λ_max / 2)."""
-        x, lam = [t.detach().clone() for t in v], 0.0
-        for _ in range(self.power_iters):
+        """1 / λ̂ with λ̂ = ‖H x‖ after power iterations (x of unit norm), which is ≤ |λ|_max, so 1/λ̂ ≥ 1/λ_max and
+        the positive part of the spectrum of I − αH lies in [1 − λ_max/λ̂, 1): the series converges while
+        λ̂ > λ_max / 2.  Starts from the vector the previous call left for these parameter shapes
+        (``power_iters_warm`` iterations) or, the first time, from v (``power_iters``)."""
+        key = tuple(tuple(t.shape) for t in v)
+        warm = self._power.get(key) if self.power_iters_warm is not None else None
+        if warm is not None:
+            x, iters = [w.to(t) for w, t in zip(warm, v)], self.power_iters_warm
+        else:
+            x, iters = [t.detach().clone() for t in v], self.power_iters
+        lam = 0.0
+        for _ in range(iters):
             nx = float(_norm(x))
             if nx == 0.0:
                 break
-            hx = H.hvp([t / nx for t in x])
+            x = [t / nx for t in x]
+            hx = [h.detach() for h in H.hvp(x)]
             lam, x = float(_norm(hx)), hx
+        if self.power_iters_warm is not None and lam > 0:
+            self._power[key] = [t / lam for t in x]
         return 1.0 / lam if lam > 0 else 1.0
 
     def _solve(self, H, v, lr):
