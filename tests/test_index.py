@@ -119,3 +119,16 @@ def test_a_run_whose_params_file_changed_since_is_marked_stale_naming_the_change
     md, page = build(outputs)
     assert "**Stale: `params/default/11_x.yaml` changed after this run**" in md.read_text()
     assert "Stale: params/default/11_x.yaml changed" in page.read_text()
+
+
+def test_readme_block_shows_benchmark_targets_with_the_load(tmp_path):
+    from bilevel_ssl.index import readme_block
+    _run(tmp_path, "90_bench", "default", {
+        "results": {"simclr": {"median_s": 0.5}}, "load_average": [0.73, 2.01],
+        "targets": {"gessl_second_order": {"ratio": 3.7217, "target": 3.5, "met": False},
+                    "augment_share": {"ratio": 0.01963, "target": 0.05, "met": True}}})
+    block = readme_block("90_bench", "default", tmp_path)
+    assert ("Targets (load average 0.7–2.0 during the run): gessl_second_order 3.72 vs ≤ 3.5 (**not met**); "
+            "augment_share 0.0196 vs ≤ 0.05 (met).") in block
+    _run(tmp_path, "91_x", "default", {"results": {"simclr": {"median_s": 0.5}}})
+    assert "Targets" not in readme_block("91_x", "default", tmp_path)

@@ -259,7 +259,7 @@ def readme_block(notebook: str, profile: str, root: str | Path | None = None) ->
     stale = _stale_line(notebook, profile, record, root)
     if stale:
         lines[0:0] = [stale, ""]
-    for line in (_learning_line(record), _selections(record)):
+    for line in (_learning_line(record), _selections(record), _targets_line(record)):
         lines += ["", line] if line else []
     for cid, claim in (record.get("claims") or {}).items():
         lines += ["", _claim_paragraph(cid, claim)]
@@ -276,6 +276,19 @@ def _learning_line(record: dict) -> str:
                       for b, v in check.get("bases", {}).items())
     return (f"Learning check ({check.get('metric')}, needs +{check.get('margin', 0):.2f}): {bases} — "
             + ("passed." if check.get("ok") else "**failed: no verdicts**."))
+
+
+def _targets_line(record: dict) -> str:
+    """The benchmark targets of a run (``metrics.json`` ``targets``: name -> ratio, target, met; notebook 90) with
+    the machine load it ran under, or ``""`` when the run recorded none."""
+    targets = record.get("targets")
+    if not targets:
+        return ""
+    parts = [f"{name} {v['ratio']:.3g} vs ≤ {v['target']:g} ({'met' if v['met'] else '**not met**'})"
+             for name, v in targets.items()]
+    load = record.get("load_average")
+    where = f" (load average {load[0]:.1f}–{load[1]:.1f} during the run)" if load else ""
+    return "Targets" + where + ": " + "; ".join(parts) + "."
 
 
 def _selections(record: dict) -> str:
