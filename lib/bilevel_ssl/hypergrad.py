@@ -423,8 +423,9 @@ class AidNeumann(_Aid):
     cold start with ``power_iters`` + (n − 1) ``power_iters_warm`` iterations (``tests/test_hypergrad.py``).  The
     estimate stays a lower bound, λ̂ = ‖H x‖ ≤ |λ|_max for a unit x, so the step only errs towards 1/λ̂ too large,
     which ``neumann_growth`` reports.  Why: the cold start was the engine's main cost - notebook 13's default ran 3
-    power and 2 series products per step, 56 s/epoch against ``aid_cg``'s 32 (2 products) - and 3 cold iterations
-    estimate λ_max worse than the warm-started chain.  The vectors (one per parameter-shape signature: TC² calls
+    power and 2 series products per step, 56 s/epoch against ``aid_cg``'s 32 (2 products) - and on a Hessian that
+    training changes slowly the warm chain goes on improving its estimate where a cold start repeats the same few
+    iterations.  The vectors (one per parameter-shape signature: TC² calls
     the engine on two parameter sets) are in :meth:`state_dict`, so a resumed run continues exactly.
     ``power_iters_warm: null`` restarts cold every call (the behaviour before).
 
@@ -460,7 +461,8 @@ class AidNeumann(_Aid):
         step) starts cold on the next call."""
         unknown = set(state) - {"power_vectors"}
         if unknown:
-            raise ValueError(f"hypergrad: engine {self.name!r}: unknown state {sorted(unknown)}; allowed: power_vectors")
+            raise ValueError(f"hypergrad: engine {self.name!r}: unknown state {sorted(unknown)}; "
+                             f"allowed: power_vectors")
         self._power = {tuple(tuple(t.shape) for t in x): [t.detach().clone() for t in x]
                        for x in state.get("power_vectors", [])}
 
