@@ -425,9 +425,9 @@ class AidNeumann(_Aid):
     which ``neumann_growth`` reports.  Why: the cold start was the engine's main cost - notebook 13's default ran 3
     power and 2 series products per step, 56 s/epoch against ``aid_cg``'s 32 (2 products) - and on a Hessian that
     training changes slowly the warm chain goes on improving its estimate where a cold start repeats the same few
-    iterations.  The vectors (one per parameter-shape signature: TC² calls
-    the engine on two parameter sets) are in :meth:`state_dict`, so a resumed run continues exactly.
-    ``power_iters_warm: null`` restarts cold every call (the behaviour before).
+    iterations.  The vectors (one per parameter-shape signature: TC² calls the engine on two parameter sets) are
+    in :meth:`state_dict`, so a resumed run continues exactly.  ``power_iters_warm: null`` restarts cold every call
+    (the behaviour before).
 
     Cost: as :class:`AidCG` with ``neumann_iters`` (+ ``power_iters_warm``, on the first call ``power_iters``, for
     the default step) Hessian-vector products.
