@@ -65,3 +65,13 @@ def test_a_changed_result_is_caught():
 def test_timings_and_memory_are_not_compared():
     assert sr.is_volatile("simclr/train_s_per_run") and sr.is_volatile("engines/aid_cg/time_ms")
     assert not sr.is_volatile("simclr/knn_acc") and not sr.is_volatile("toy/engines/aid_fd/short_err_unrolled")
+
+
+def test_walkthrough_teaches_what_it_computes(session_start):
+    """Notebook 05's verdicts are the statements its Markdown makes (undamped CG is exact at the inner optimum, the
+    library's damped CG is not, first-order engines give g exactly zero gradient, ...), computed in float64 on
+    this run.  A change of an engine's defaults that contradicts the text fails here, not only in a reader's eyes
+    (the damped ``aid_cg`` default did, unnoticed, until the notebook ran its toy rows undamped)."""
+    verdicts = _fresh_metrics("05_bilevel_walkthrough", session_start)["verdicts"]
+    assert len(verdicts) >= 13
+    assert [k for k, v in verdicts.items() if v is not True] == []
