@@ -182,3 +182,16 @@ def test_quality_options_are_validated(name, opt, value):
     if opt == "on_bad":
         with pytest.raises(ValueError, match="allowed: warn, stop"):
             make_engine(name, on_bad=value)
+
+
+def test_aid_fd_warning_advice_depends_on_the_precision():
+    """A failed spot check names a fix that helps: in float64 a 100x smaller step (0.01 -> 1e-4 is exact on this
+    Conv-4; a 10x smaller one is not reliably better, the error being erratic across kinks); in float32 no step is
+    reliable on a ReLU network, so it names second_order instead of a step."""
+    problem = conv4_problem(0)
+    with pytest.warns(RuntimeWarning, match=r"try a much smaller step \(fd_r = 0\.0001;.*second_order") as rec:
+        make_engine("aid_fd", fd_r=0.01)(*problem, inner_lr=INNER_LR)
+    assert "float32" not in str(rec[0].message)
+    fix32 = make_engine("aid_fd")._fix(torch.float32)
+    assert "torch.float32 no fd_r is reliable" in fix32 and "second_order" in fix32 and "try a much" not in fix32
+    assert make_engine("aid_fd", fd_r=1e-4)._fix(torch.float64).count("fd_r = 1e-06") == 1

@@ -290,6 +290,19 @@ class AidFD(_Engine):
         super().__post_init__()
         self.calls, self.last_check = 0, None
 
+    def _fix(self, dtype: torch.dtype) -> str:
+        """The advice of a failed spot check.  Not "a 10x smaller step": while the difference straddles kinks its
+        error is erratic, not monotone in ``fd_r`` (notebook 05, float64 tiny Conv-4: 1e-4 off by 9.6, 1e-5 by 80,
+        1e-6 exact to 1e-8), so the float64 advice is 100x smaller (0.01 -> 1e-4 was exact on the Conv-4 of
+        ``tests/test_hypergrad_conv4.py``).  In float32 rounding dominates below ~1e-3, so no step is reliable on a
+        ReLU network (README, engine table) and the advice is the exact engine."""
+        where = f"the difference at fd_r = {self.fd_r:g} straddles ReLU/max-pool kinks"
+        if dtype == torch.float64:
+            return (f"{where}; try a much smaller step (fd_r = {self.fd_r / 100:g}; the error is erratic, not "
+                    f"monotone, while the difference crosses kinks) or hypergrad second_order, which is exact")
+        return (f"{where} or {dtype} rounding dominates it; in {dtype} no fd_r is reliable on a ReLU/max-pool "
+                f"network, so use hypergrad second_order, which is exact (or float64 with a smaller fd_r)")
+
     def _spot_check(self, inner_loss, theta_k, phi, v, diff) -> float:
         H = inner_hessian(inner_loss, theta_k, phi)
         exact = H.hvp(v) + H.mixed(v)
@@ -318,10 +331,7 @@ class AidFD(_Engine):
             if k == steps - 1 and self.check_every and self.calls % self.check_every == 0:
                 self.last_check = self._spot_check(inner_loss, traj[k], phi, v, diff)
                 self._judge("fd_check_error (relative error of the finite-difference Hessian-vector product against "
-                            "the exact one)", self.last_check, self.check_tol,
-                            f"the difference at fd_r = {self.fd_r:g} straddles ReLU/max-pool kinks (or float32 "
-                            f"rounding dominates it); try fd_r = {self.fd_r / 10:g} (float64 for the smallest "
-                            f"steps) or hypergrad second_order, which is exact")
+                            "the exact one)", self.last_check, self.check_tol, self._fix(v[0].dtype))
             dphi = [d - lr * h for d, h in zip(dphi, diff[n:])]
             v = [vi - lr * h for vi, h in zip(v, diff[:n])]
         self.calls += 1
