@@ -873,3 +873,42 @@ def test_select_on_validation_scores_the_bissl_arm_on_held_out_training_images_o
     with pytest.raises(FloatingPointError, match="every candidate diverged"):
         select_on_validation("cg_damping", [1000.0], pm.cfg, pm, cfg, ft, tiny_images(24, seed=2), task)
     assert [c[0] for c in calls] == [1000.0]  # nothing ran for the refused inputs
+
+
+def test_select_on_validation_over_several_seeds_scores_the_mean(monkeypatch):
+    """One configuration per seed (three lists): every value runs once per seed, with that seed's pretext model and
+    configuration, and scores the mean top-1; the per-seed scores are kept; mismatched lists or repeated seeds fail
+    before any run.  Seed 0 alone would choose 1.0 here, the mean chooses 10.0."""
+    from bilevel_ssl.bissl import Downstream, select_on_validation
+    from bilevel_ssl.bissl import pipeline as P
+
+    pm = tiny_pretext(dtype=torch.float32)
+    task = Downstream("toy", tiny_images(40, seed=1), tiny_images(20, seed=3))
+    cfgs = [BiSSLConfig(alternations=1, lower_steps=1, upper_steps=1, lower_warmup=0, downstream_batch_size=8,
+                        seed=s, progress=False) for s in (0, 1, 2)]
+    pms = [pm, copy.copy(pm), copy.copy(pm)]
+    ft = FinetuneConfig(epochs=1, batch_size=8)
+    top1 = {(1.0, 0): 0.7, (1.0, 1): 0.4, (1.0, 2): 0.4, (10.0, 0): 0.6, (10.0, 1): 0.6, (10.0, 2): 0.5}
+    calls = []
+
+    def fake_pipeline(pcfg, c, f, imgs, fit, val, **kw):
+        calls.append((c.cg_damping, c.seed, kw["pretext"]))
+        return {"bissl": {"top1": top1[(c.cg_damping, c.seed)]}}
+
+    monkeypatch.setattr(P, "run_pipeline", fake_pipeline)
+    sel = select_on_validation("cg_damping", [1.0, 10.0], [pm.cfg] * 3, pms, cfgs, ft, tiny_images(24, seed=2), task,
+                               fraction=0.25)
+    assert sel.chosen == 10.0 and sel.seeds == (0, 1, 2)
+    assert sel.scores == pytest.approx((0.5, 17 / 30)) and sel.seed_scores == ((0.7, 0.4, 0.4), (0.6, 0.6, 0.5))
+    assert [(d, s) for d, s, _ in calls] == [(1.0, 0), (1.0, 1), (1.0, 2), (10.0, 0), (10.0, 1), (10.0, 2)]
+    assert all(p is pms[s] for _, s, p in calls)  # each seed's own pretext model
+    assert "(0.700 / 0.400 / 0.400)" in sel.markdown() and "seeds 0, 1, 2" in sel.markdown()
+    calls.clear()
+    with pytest.raises(ValueError, match="three lists of one entry per seed"):
+        select_on_validation("cg_damping", [1.0], [pm.cfg] * 2, pms, cfgs, ft, tiny_images(24, seed=2), task)
+    with pytest.raises(ValueError, match="three lists"):
+        select_on_validation("cg_damping", [1.0], pm.cfg, pms, cfgs, ft, tiny_images(24, seed=2), task)
+    with pytest.raises(ValueError, match=r"distinct cfg.seed, got \[0, 0\]"):
+        select_on_validation("cg_damping", [1.0], [pm.cfg] * 2, pms[:2], [cfgs[0]] * 2, ft, tiny_images(24, seed=2),
+                             task)
+    assert calls == []

@@ -1,7 +1,7 @@
 """A bad value of a notebook parameter stops the notebook with one clear error naming the key and the allowed values,
 before any data is prepared or any run trains (the validation sits in the set-up cell of each notebook).
 
-``selection_seeds`` (the number of seeds each validation-selection candidate trains on, notebooks 11, 21 and 40) is
+``selection_seeds`` (the number of seeds each validation-selection candidate trains on, notebooks 11, 21, 30 and 40) is
 checked against ``seeds``: it must lie in 1..len(seeds).  Each case runs the notebook's smoke profile through
 papermill with one value too many, outputs under ``tmp_path``."""
 
@@ -20,7 +20,7 @@ from bilevel_ssl.reproduce import load_params, notebooks_dir, params_path
 LIB = Path(bilevel_ssl.__file__).resolve().parents[1]  # the package the kernel must import too
 
 
-@pytest.mark.parametrize("notebook", ["11_gessl_sensitivity", "21_tc2_ablation", "40_mcr"])
+@pytest.mark.parametrize("notebook", ["11_gessl_sensitivity", "21_tc2_ablation", "30_bissl", "40_mcr"])
 def test_too_many_selection_seeds_are_refused_before_any_compute(notebook, tmp_path, monkeypatch):
     params = load_params(params_path(notebook, "smoke"))
     bad = len(params["seeds"]) + 1

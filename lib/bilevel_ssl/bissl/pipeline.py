@@ -260,18 +260,22 @@ def check_fit(cfg: BiSSLConfig, pretext_cfg: TrainConfig, n_pretext: int, ft: Fi
                                                f"part of {task}'s training split; allowed: 1..{len(fit)}")
 
 
-def select_on_validation(option: str, values: Sequence, pretext_cfg: TrainConfig, pretext: PretextModel,
-                         cfg: BiSSLConfig, ft: FinetuneConfig, pretext_images: ImageSet, task: Downstream, *,
-                         fraction: float = 0.2):
+def select_on_validation(option: str, values: Sequence, pretext_cfg, pretext, cfg, ft: FinetuneConfig,
+                         pretext_images: ImageSet, task: Downstream, *, fraction: float = 0.2):
     """Choose one :class:`BiSSLConfig` option - BiSSL's λ_damp (``cg_damping``, Alg. 2), the free hyper-parameter
     that decides the comparison of Table 1 (issue #25) - on a validation split of the downstream task's *training*
     images, never its test split: ``task.train`` is cut stratified (seed 0) into a fit part (the head warm-up, BiSSL's
     upper level and the fine-tuning see only it) and a validation part (``fraction``), and each value in ``values``
-    runs the whole BiSSL + fine-tuning arm of :func:`run_pipeline` once (seed ``cfg.seed``, the given ``pretext``)
-    and is scored by top-1 on the validation part; the baseline arm does not depend on the option and is not run.
-    The highest score wins, the first listed on a tie; a run whose gradients become non-finite scores NaN and is
-    never chosen (:meth:`bilevel_ssl.experiments.Selection.best`).  Every candidate configuration is built and
-    checked against the data before the first computation.  Returns the
+    runs the whole BiSSL + fine-tuning arm of :func:`run_pipeline` (given ``pretext``) and is scored by top-1 on the
+    validation part; the baseline arm does not depend on the option and is not run.
+
+    One seed: ``pretext_cfg``, ``pretext`` and ``cfg`` single objects (seed ``cfg.seed``).  Several seeds: three
+    lists of equal length, one entry per seed (distinct ``cfg.seed``); a value's score is the mean of its top-1 over
+    them, as :func:`bilevel_ssl.experiments.select_on_validation` scores GeSSL's α, TC²'s step and MCR's λ1 - one
+    seed on 90 validation images (one image = 0.011) chose λ_damp 10 on one run of notebook 30 and 1 on the next.
+    The highest score wins, the first listed on a tie; a run whose gradients become non-finite makes its value
+    score NaN, never chosen (:meth:`bilevel_ssl.experiments.Selection.best`).  Every candidate configuration is
+    built and checked against the data before the first computation.  Returns the
     :class:`~bilevel_ssl.experiments.Selection` (option ``bissl_args.<option>``, metric ``top1``)."""
     from ..experiments import Selection
 
@@ -281,22 +285,43 @@ def select_on_validation(option: str, values: Sequence, pretext_cfg: TrainConfig
         raise ValueError(f"{key}: not a BiSSLConfig option; allowed: {', '.join(fields)}")
     if not values:
         raise ValueError(f"{key}: no candidate value to choose from")
+    lists = [isinstance(x, (list, tuple)) for x in (pretext_cfg, pretext, cfg)]
+    if any(lists):
+        if not all(lists) or not len(pretext_cfg) == len(pretext) == len(cfg) >= 1:
+            raise ValueError(f"{key}: pretext_cfg, pretext and cfg must be three lists of one entry per seed, of "
+                             f"equal length (or three single objects)")
+        runs = list(zip(pretext_cfg, pretext, cfg))
+    else:
+        runs = [(pretext_cfg, pretext, cfg)]
+    seeds = [c.seed for _, _, c in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{key}: each seed's run needs a distinct cfg.seed, got {seeds}")
     fit, val = validation_split(task, fraction)
-    cands = [BiSSLConfig.from_dict({**dataclasses.asdict(cfg), option: v}) for v in values]  # validates each value
-    for c in cands:
-        check_fit(c, pretext_cfg, len(pretext_images), ft, fit, task.name)
-    by_value = dict(zip(values, cands))
+    by_value = {v: [BiSSLConfig.from_dict({**dataclasses.asdict(c), option: v}) for _, _, c in runs]
+                for v in values}  # validates each value
+    for (pcfg, _, _), cands in zip(runs, zip(*by_value.values())):
+        for c in cands:
+            check_fit(c, pcfg, len(pretext_images), ft, fit, task.name)
+    each_seed = {}  # value -> its per-seed top-1 (absent: it diverged)
 
     def score(v):
-        top1 = run_pipeline(pretext_cfg, by_value[v], ft, pretext_images, fit, val, baseline=False,
-                            pretext=pretext)["bissl"]["top1"]
-        return top1, f"validation top-1 {top1:.3f}"
+        top1 = [run_pipeline(pcfg, c, ft, pretext_images, fit, val, baseline=False, pretext=pm)["bissl"]["top1"]
+                for (pcfg, pm, _), c in zip(runs, by_value[v])]
+        each_seed[v] = tuple(float(t) for t in top1)
+        mean = sum(top1) / len(top1)
+        if len(top1) == 1:
+            return mean, f"validation top-1 {mean:.3f}"
+        return mean, (f"validation top-1 {mean:.3f}, mean of "
+                      + ", ".join(f"seed {s}: {t:.3f}" for s, t in zip(seeds, top1)))
 
     scores = Selection.score_each(key, tuple(values), score)
+    many = len(seeds) > 1
     return Selection.best(key, tuple(values), scores, fit_images=len(fit), validation_images=len(val),
-                          seed=cfg.seed, metric="top1",
+                          seed=seeds[0], metric="top1",
                           scored_by=f"BiSSL + fine-tuning top-1 on a validation split of the {task.name} task's "
-                                    f"training images")
+                                    f"training images",
+                          seeds=tuple(seeds) if many else (),
+                          seed_scores=tuple(each_seed.get(v, ()) for v in values) if many else ())
 
 
 def feature_scores(backbone: nn.Module, task: Downstream, *, bn_batches: int = 100, seed: int = 0,
