@@ -27,6 +27,8 @@ def test_index_has_a_section_per_notebook_with_table_verdicts_and_figures(tmp_pa
                                                              "from_cache_train_s": 4012.4}})
     _run(tmp_path, "00_quickstart", "default", {"results": {"accuracy": 0.9}, "wall_time_s": 48,
                                                    "training_runs": {"trained": 0, "from_cache": 21}})
+    _run(tmp_path, "01_zoo", "default", {"results": {"accuracy": 0.7}, "wall_time_s": 2546,  # trains outside the cache
+                                         "training_runs": {"trained": 0, "from_cache": 0, "from_cache_train_s": 0.0}})
     (tmp_path / "cache" / "simclr-none-abc").mkdir(parents=True)
     (tmp_path / "cache" / "simclr-none-abc" / "metrics.json").write_text("{}")
     md_path, html_path = build(tmp_path)
@@ -39,6 +41,7 @@ def test_index_has_a_section_per_notebook_with_table_verdicts_and_figures(tmp_pa
     assert "**R1 GeSSL improves linear**: does not hold at this scale" in md
     assert "run time 1234 s;" in md and "git abcdef123456" in md  # no training_runs recorded: none claimed
     assert "run time 48 s (pre-training runs through the encoder cache: 0 trained here, 21 loaded)" in md
+    assert "run time 2546 s; machine" in md  # nothing through the cache: no "0 trained here" for a run that trained
     assert ("run time 631 s (pre-training runs through the encoder cache: 2 trained here, 22 loaded, whose training "
             "took 4012 s where they were made)") in md
     assert "[fig_tsne.png](10_gessl/default/fig_tsne.png)" in md

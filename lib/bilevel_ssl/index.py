@@ -95,7 +95,7 @@ def _summary(record: dict) -> str:
     counted = (f" (pre-training runs through the encoder cache: {runs.get('trained', 0)} trained here, "
                f"{runs.get('from_cache', 0)} loaded"
                + (f", whose training took {loaded_s:.0f} s where they were made" if loaded_s else "")
-               + ")") if runs else ""
+               + ")") if runs.get("trained") or runs.get("from_cache") else ""  # none: it trains outside the cache
     parts = [(f"run time {wall:.0f} s" if isinstance(wall, (int, float)) else "run time unknown") + counted,
              f"machine: {m.get('cuda') or m.get('processor', '?')}, {m.get('cpus', '?')} CPUs",
              f"git {str(record.get('git_sha', '?'))[:12]}", f"written {record.get('written', '?')}"]
