@@ -136,6 +136,16 @@ class Selection:
             scores.append(float(sc))
         return scores
 
+    @staticmethod
+    def seed_mean(what: str, seeds, scores) -> tuple[float, str]:
+        """A candidate's score over its seeds - their mean - and the line that prints it: ``"validation 5-NN
+        0.550"`` for one seed, ``"validation 5-NN 0.550, mean of seed 0: 0.600, seed 1: 0.500"`` for several
+        (``what`` = "validation 5-NN")."""
+        mean = sum(scores) / len(scores)
+        if len(scores) == 1:
+            return mean, f"{what} {mean:.3f}"
+        return mean, f"{what} {mean:.3f}, mean of " + ", ".join(f"seed {s}: {a:.3f}" for s, a in zip(seeds, scores))
+
     @classmethod
     def best(cls, option: str, values, scores, **fields) -> "Selection":
         """The selection of the highest finite score among ``values`` (the first listed on a tie; NaN - a
@@ -218,11 +228,10 @@ def select_on_validation(option: str, candidates: Mapping, data: Data, *, fracti
             accs.append(knn(run.backbone, val.splits, device=cfg.resolved_device()))
             cached += bool(run.cached)
         each_seed[value] = tuple(float(a) for a in accs)
-        mean = sum(accs) / len(accs)
+        mean, line = Selection.seed_mean("validation 5-NN", seeds, accs)
         if len(accs) == 1:
-            return mean, f"validation 5-NN {mean:.3f} ({'cache' if cached else 'trained'})"
-        each = ", ".join(f"seed {s}: {a:.3f}" for s, a in zip(seeds, accs))
-        return mean, f"validation 5-NN {mean:.3f}, mean of {each} ({len(accs) - cached} trained, {cached} cache)"
+            return mean, f"{line} ({'cache' if cached else 'trained'})"
+        return mean, f"{line} ({len(accs) - cached} trained, {cached} cache)"
 
     scores = Selection.score_each(option, tuple(candidates), score)
     return Selection.best(option, tuple(candidates), scores, fit_images=len(val.splits.train),

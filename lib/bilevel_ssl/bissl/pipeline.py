@@ -308,11 +308,7 @@ def select_on_validation(option: str, values: Sequence, pretext_cfg, pretext, cf
         top1 = [run_pipeline(pcfg, c, ft, pretext_images, fit, val, baseline=False, pretext=pm)["bissl"]["top1"]
                 for (pcfg, pm, _), c in zip(runs, by_value[v])]
         each_seed[v] = tuple(float(t) for t in top1)
-        mean = sum(top1) / len(top1)
-        if len(top1) == 1:
-            return mean, f"validation top-1 {mean:.3f}"
-        return mean, (f"validation top-1 {mean:.3f}, mean of "
-                      + ", ".join(f"seed {s}: {t:.3f}" for s, t in zip(seeds, top1)))
+        return Selection.seed_mean("validation top-1", seeds, top1)
 
     scores = Selection.score_each(key, tuple(values), score)
     many = len(seeds) > 1
