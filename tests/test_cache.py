@@ -25,15 +25,18 @@ def test_second_call_loads_the_finished_run(tiny, tmp_path, monkeypatch):
     import bilevel_ssl.cache as cache
     from bilevel_ssl.report import write_metrics
 
-    monkeypatch.setattr(cache, "RUN_COUNTS", {"trained": 0, "from_cache": 0, "from_cache_train_s": 0.0})
+    monkeypatch.setattr(cache, "RUN_COUNTS", {"trained": 0, "from_cache": 0, "from_cache_train_s": 0.0, "runs": {}})
     first = cached_train(cfg(), tiny, root=tmp_path)
     second = cached_train(cfg(progress=True, checkpoint_every=1), tiny, root=tmp_path)  # run control: same key
     assert (first.cached, second.cached) == (False, True)
     record = json.loads(write_metrics(tmp_path / "run", params={}, results={}, seed=0).read_text())
     trained_s = sum(h["time_s"] for h in first.history)  # the loaded run's training, where it was made
     assert trained_s > 0
+    rid = cache.run_id(cfg(), tiny)
     assert record["training_runs"] == {"trained": 1, "from_cache": 1,  # what the run time was spent on
-                                       "from_cache_train_s": round(trained_s, 1)}
+                                       "from_cache_train_s": round(trained_s, 1),
+                                       # the same run both times: one entry, last seen loaded
+                                       "runs": {rid: {"train_s": round(trained_s, 1), "loaded": True}}}
     assert second.out_dir == first.out_dir
     assert second.history == first.history
     a, b = state(first.net), state(second.net)
@@ -140,3 +143,14 @@ def test_cpu_thread_count_is_part_of_the_key(tiny, tmp_path):
     finally:
         torch.set_num_threads(n)
     assert entry_dir(cfg(), tiny, root=tmp_path) == base
+
+
+def test_run_id_names_the_run_across_code_versions(tiny, tmp_path, monkeypatch):
+    import bilevel_ssl.cache as cache
+
+    rid, folder = cache.run_id(cfg(), tiny), cache.entry_dir(cfg(), tiny, root=tmp_path)
+    assert rid.startswith("simclr-none-") and rid == cache.run_id(cfg(progress=True), tiny)  # run control: same run
+    assert rid != cache.run_id(cfg(lr=0.1), tiny) and rid != cache.run_id(cfg(), tiny, tag="knn-monitor")
+    monkeypatch.setattr(cache, "code_fingerprint", lambda meta="none": "other code")
+    assert cache.run_id(cfg(), tiny) == rid  # what plan_estimate_s matches shared runs by
+    assert cache.entry_dir(cfg(), tiny, root=tmp_path) != folder  # while the cache trains it again

@@ -135,3 +135,47 @@ def test_readme_block_shows_benchmark_targets_with_the_load(tmp_path):
             "augment_share 0.0196 vs ≤ 0.05 (met).") in block
     _run(tmp_path, "91_x", "default", {"results": {"simclr": {"median_s": 0.5}}})
     assert "Targets" not in readme_block("91_x", "default", tmp_path)
+
+
+def test_budget_block_brackets_make_reproduce_from_the_committed_run_times(tmp_path):
+    from bilevel_ssl.index import budget_block, render_readme
+
+    outputs = tmp_path / "outputs"
+    (tmp_path / "notebooks").mkdir()
+    for nb in ("00_a", "10_b", "11_c", "12_d", "13_e", "99_never"):
+        (tmp_path / "notebooks" / f"{nb}.ipynb").write_text("{}")
+    _run(outputs, "00_a", "default", {"wall_time_s": 150.0, "git_sha": "abcdef123456", "written": "2026-12-07T20:32",
+                                      "training_runs": {"trained": 0, "from_cache": 0, "from_cache_train_s": 0.0}})
+    _run(outputs, "10_b", "default", {"wall_time_s": 1200.0, "training_runs": {"trained": 6, "from_cache": 0,
+                                                                               "from_cache_train_s": 0.0}})
+    # made from a full cache: 2 min of notebook, 30 min of training loaded
+    _run(outputs, "11_c", "default", {"wall_time_s": 120.0, "training_runs": {"trained": 0, "from_cache": 9,
+                                                                              "from_cache_train_s": 1800.0}})
+    _run(outputs, "12_d", "default", {"wall_time_s": 600.0, "training_runs": {"trained": 2, "from_cache": 22}})
+    _run(outputs, "13_e", "default", {"wall_time_s": 60.0})  # before training_runs existed
+    _run(outputs, "10_b", "smoke", {"wall_time_s": 9999.0})  # another profile: not counted
+    block = budget_block("default", outputs)
+    assert "| 00_a | 2 min 30 s | – (trains outside the cache) | – | 2 min 30 s | abcdef1 | 2026-12-07 |" in block
+    assert "| 10_b | 20 min | 6 / 0 | – | 20 min |" in block
+    assert "| 11_c | 2 min | 0 / 9 | 30 min | 32 min |" in block
+    assert "| 12_d | 10 min | 2 / 22 | not recorded | 10 min or more |" in block
+    assert "| 13_e | 1 min | not recorded | not recorded | 1 min or more |" in block
+    # run times 150 + 1200 + 120 + 600 + 60 = 2130 s; empty cache + 1800 s = 3930 s
+    assert "| **sum** | **36 min** (0.6 h) |  |  | **66 min** (1.1 h) or more |  |  |" in block
+    assert ("\"or more\": 12_d (loaded 22 runs without recording their training time); 13_e (recorded no "
+            "`training_runs`).") in block
+    assert "No committed run: 99_never." in block
+    assert "One `make reproduce` in order" not in block  # no record names its runs: nothing to count once
+    _run(outputs, "14_f", "default", {"wall_time_s": 900.0, "training_runs": {
+        "trained": 1, "from_cache": 1, "from_cache_train_s": 1200.0,  # loads 10_b's base, trains one run of 300 s
+        "runs": {"base": {"train_s": 1200.0, "loaded": True}, "own": {"train_s": 300.0, "loaded": False}}}})
+    block = budget_block("default", outputs)
+    assert "| 14_f | 15 min | 1 / 1 | 20 min | 35 min |" in block
+    # 10_b named no runs, so its base counts in it and again in 14_f: 3930 + 600 + 300 + 1200 = 6030 s
+    assert ("One `make reproduce` in order, each pre-training run that notebooks share trained once: **100 min** "
+            "(1.7 h; `bilevel_ssl.reproduce.plan_estimate_s`). It knows the shared runs of the 1 of 6 notebook runs") in block
+    text = "a\n<!-- budget default -->\nhand-written 595 min\n<!-- /budget -->\nb\n"
+    new = render_readme(text, outputs)
+    assert "hand-written" not in new and "| 11_c |" in new and new.endswith("<!-- /budget -->\nb\n")
+    assert render_readme(new, outputs) == new
+    assert "No committed `gpu` run yet" in budget_block("gpu", outputs)

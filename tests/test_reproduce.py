@@ -146,3 +146,30 @@ def test_estimate_adds_the_training_of_runs_loaded_from_the_cache(fake_repo, cap
     assert "estimate from the last runs here" in out and "11 min" in out  # 631 s
     assert ("the estimate is low for 03_z (its last run loaded 22 pre-training runs from the encoder cache and did "
             "not record their training time)") in out
+
+
+def test_estimate_counts_a_pre_training_run_that_notebooks_share_once(fake_repo, capsys):
+    base = {"train_s": 600.0}
+    # 10 trains the base (600 s) and its own run (900 s) in 1600 s; 11 loads the base and trains one run (300 s)
+    _record(fake_repo, "10_a", "smoke", wall_time_s=1600.0, training_runs={
+        "trained": 2, "from_cache": 0, "from_cache_train_s": 0.0,
+        "runs": {"base": {**base, "loaded": False}, "gessl": {"train_s": 900.0, "loaded": False}}})
+    _record(fake_repo, "11_b", "smoke", wall_time_s=400.0, training_runs={
+        "trained": 1, "from_cache": 1, "from_cache_train_s": 600.0,
+        "runs": {"base": {**base, "loaded": True}, "mu0": {"train_s": 300.0, "loaded": False}}})
+    records = [reproduce._last_record(n, "smoke") for n in ("10_a", "11_b")]
+    # per notebook from an empty cache: 1600 and 400 + 600; in one go the base trains once:
+    # (1600 - 1500) + (400 - 300) + 600 + 900 + 300
+    assert reproduce.estimate_s("11_b", "smoke") == 1000.0
+    assert reproduce.plan_estimate_s(records) == 2000.0
+    assert reproduce.plan_estimate_s(records[::-1]) == 2000.0  # whichever notebook trains it
+    # a record from before training_runs.runs counts its empty-cache cost, shared runs included
+    _record(fake_repo, "12_c", "smoke", wall_time_s=500.0,
+            training_runs={"trained": 0, "from_cache": 1, "from_cache_train_s": 600.0})
+    assert reproduce.plan_estimate_s([*records, reproduce._last_record("12_c", "smoke"), {}]) == 2000.0 + 1100.0
+    for n in ("10_a", "11_b"):
+        _notebook(fake_repo / "notebooks" / f"{n}.ipynb", ["pass"], "profile: str = 'x'")
+        (fake_repo / "params" / "smoke" / f"{n}.yaml").write_text("{}\n")
+    assert reproduce.main(["--profile", "smoke", "--nb", "10_a,11_b", "--no-index"]) == 0
+    assert ("estimate from the last runs here: 33 min (43 min if each notebook trained its shared pre-training "
+            "runs again)") in capsys.readouterr().out

@@ -125,10 +125,29 @@ def entry_dir(cfg: TrainConfig, data: ImageSet, tag: str = "", root: str | Path 
 
 # this process's cached_train calls by outcome: "trained" (trained here, or resumed from a checkpoint) and
 # "from_cache" (a finished entry loaded), and "from_cache_train_s", the training seconds the loaded runs took where
-# they were made (the sum of their epochs' time_s); report.write_metrics records them, so that a notebook's run time
-# can be read as the cost it was (48 s with every run loaded is not what the notebook costs on a fresh clone) and
-# make reproduce can estimate a run whose cache is empty (reproduce.estimate_s)
-RUN_COUNTS = {"trained": 0, "from_cache": 0, "from_cache_train_s": 0.0}
+# they were made (the sum of their epochs' time_s); "runs": run_id -> {"train_s", "loaded"} for each of them, so that
+# a run that several notebooks share is counted once in an estimate (reproduce.plan_estimate_s).
+# report.write_metrics records them, so that a notebook's run time can be read as the cost it was (48 s with every
+# run loaded is not what the notebook costs on a fresh clone) and make reproduce can estimate a run whose cache is
+# empty (reproduce.estimate_s)
+RUN_COUNTS = {"trained": 0, "from_cache": 0, "from_cache_train_s": 0.0, "runs": {}}
+
+
+def run_id(cfg: TrainConfig, data: ImageSet, tag: str = "") -> str:
+    """The run that ``cfg`` on ``data`` is, across versions of the code: the cache key without its ``code``
+    fingerprint.  Two notebooks that train the same configuration on the same images share a run when one ``make
+    reproduce`` makes them on one code; :func:`bilevel_ssl.reproduce.plan_estimate_s` counts such a run once.
+    (:func:`entry_dir` also keys by the code, so that a change of the training code trains again.)"""
+    key = {k: v for k, v in cache_key(cfg, data, tag).items() if k != "code"}
+    return f"{cfg.objective}-{cfg.meta}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def _count(outcome: str, cfg: TrainConfig, data: ImageSet, tag: str, history: list[dict]) -> None:
+    train_s = sum(float(h.get("time_s", 0.0)) for h in history)
+    RUN_COUNTS[outcome] += 1
+    if outcome == "from_cache":
+        RUN_COUNTS["from_cache_train_s"] += train_s
+    RUN_COUNTS["runs"][run_id(cfg, data, tag)] = {"train_s": round(train_s, 1), "loaded": outcome == "from_cache"}
 
 
 @dataclass
@@ -157,12 +176,11 @@ def cached_train(cfg: TrainConfig, data: ImageSet, *, tag: str = "", root: str |
             net, _ = build_net(cfg, data.channels, data.size)
             net.load_state_dict(ckpt["net"])
             net.to(cfg.resolved_device())
-            RUN_COUNTS["from_cache"] += 1
-            RUN_COUNTS["from_cache_train_s"] += sum(float(h.get("time_s", 0.0)) for h in ckpt["history"])
+            _count("from_cache", cfg, data, tag, ckpt["history"])
             return CachedRun(net, ckpt["history"], folder, cached=True)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "key.json").write_text(json.dumps(cache_key(cfg, data, tag), indent=2, sort_keys=True) + "\n")
     result = train(cfg, data, folder, resume=not force, overwrite=force, monitors=monitors,
                    step_monitors=step_monitors)
-    RUN_COUNTS["trained"] += 1
+    _count("trained", cfg, data, tag, result.history)
     return CachedRun(result.net, result.history, folder, cached=False)

@@ -12,8 +12,9 @@ go to ``index-smoke.md``/``index-smoke.html`` (git-ignored).
 
 ``python -m bilevel_ssl.index --readme README.md`` also rewrites the README's results blocks - every
 ``<!-- results NOTEBOOK PROFILE -->`` ... ``<!-- /results -->`` - from the committed ``metrics.json``
-(:func:`readme_block`), and ``--check`` fails when the README differs from what the metrics give
-(``tests/test_readme_results.py``): a README number can only come from a committed run.  A block whose run was
+(:func:`readme_block`) and every ``<!-- budget PROFILE -->`` block - what each committed run of the profile took,
+the table of ``make reproduce``'s time (:func:`budget_block`) - and ``--check`` fails when the README differs from
+what the metrics give (``tests/test_readme_results.py``): a README number can only come from a committed run.  A block whose run was
 made with other parameters than today's ``params/<profile>/<notebook>.yaml`` opens with a **Stale** line naming
 each changed key (:func:`params_drift`), so a reader sees which verdicts are not those of the current profile.
 """
@@ -307,16 +308,98 @@ def _selections(record: dict) -> str:
     return " ".join(chosen)
 
 
+BUDGET = re.compile(r"<!-- budget (\S+) -->\n.*?<!-- /budget -->", re.S)
+
+
+def _minutes(seconds: float) -> str:
+    """``42 s``, ``2 min 34 s`` (under 10 min), ``52 min``."""
+    if seconds >= 600:
+        return f"{seconds / 60:.0f} min"
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s" if m and s else f"{m} min" if m else f"{s} s"
+
+
+def budget_block(profile: str, root: str | Path | None = None) -> str:
+    """The generated body of a README ``<!-- budget PROFILE -->`` block: what each notebook's committed run of
+    ``profile`` took (``wall_time_s``), how many of its pre-training runs it trained and how many it loaded from the
+    encoder cache, what it would cost with an empty cache (:func:`bilevel_ssl.reproduce.fresh_cache_s`), its commit
+    and date, and the sums; the notebooks without a run are named (those of ``root.parent / "notebooks"``).
+
+    The two sums bracket one ``make reproduce``: the run times add runs that loaded what an earlier notebook
+    trained (low), the empty-cache costs count a run shared by several notebooks in each (high)."""
+    from .reproduce import fresh_cache_s, loads_unrecorded, plan_estimate_s
+
+    root = Path(root or outputs_dir())
+    runs = {nb: by[profile] for nb, by in _runs(root).items() if profile in by}
+    names = sorted({*runs, *(p.stem for p in (root.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))})
+    header = ["notebook", "run time", "pre-training runs trained / loaded", "training of the loaded runs",
+              "with an empty cache", "commit", "written"]
+    rows, wall_sum, fresh_sum, missing, low, records = [], 0.0, 0.0, [], [], []
+    for name in names:
+        if name not in runs:
+            missing.append(name)
+            continue
+        try:
+            record = json.loads((runs[name] / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            missing.append(name)
+            continue
+        wall, fresh = record.get("wall_time_s"), fresh_cache_s(record)
+        if not isinstance(wall, (int, float)) or fresh is None:
+            missing.append(name)
+            continue
+        tr = record.get("training_runs")
+        if tr is None:  # written before training_runs: whether it loaded runs from the cache is unknown
+            counted, loaded, unknown = "not recorded", "not recorded", True
+            low.append(f"{name} (recorded no `training_runs`)")
+        else:
+            counted = (f"{tr.get('trained', 0)} / {tr.get('from_cache', 0)}" if tr.get("trained") or tr.get("from_cache")
+                       else "– (trains outside the cache)")
+            unknown = loads_unrecorded(record) > 0
+            loaded = ("not recorded" if unknown else _minutes(float(tr.get("from_cache_train_s") or 0.0))
+                      if tr.get("from_cache") else "–")
+            if unknown:
+                low.append(f"{name} (loaded {loads_unrecorded(record)} runs without recording their training time)")
+        wall_sum, fresh_sum = wall_sum + wall, fresh_sum + fresh
+        records.append(record)
+        rows.append([name, _minutes(wall), counted, loaded, _minutes(fresh) + (" or more" if unknown else ""),
+                     str(record.get("git_sha", "?"))[:7], str(record.get("written", "?"))[:10]])
+    if not rows:
+        return f"_No committed `{profile}` run yet: `make reproduce PROFILE={profile}`._\n"
+    rows.append(["**sum**", f"**{_minutes(wall_sum)}** ({wall_sum / 3600:.1f} h)", "", "",
+                 f"**{_minutes(fresh_sum)}** ({fresh_sum / 3600:.1f} h)" + (" or more" if low else ""), "", ""])
+    lines = [f"From each notebook's committed `outputs/<notebook>/{profile}/metrics.json` (`wall_time_s`, "
+             "`training_runs`, `git_sha`, `written`); 2 threads per notebook. The run times add runs that loaded "
+             "from the encoder cache what an earlier run had trained, so their sum is low; \"with an empty cache\" adds "
+             "the training time of those loaded runs, and counts a run shared by several notebooks in each, so "
+             "its sum is high for one `make reproduce` in order.", "", _md_table(header, rows).rstrip()]
+    named = sum(isinstance((r.get("training_runs") or {}).get("runs"), dict) for r in records)
+    if named:
+        lines += ["", f"One `make reproduce` in order, each pre-training run that notebooks share trained once: "
+                  f"**{_minutes(plan_estimate_s(records))}** ({plan_estimate_s(records) / 3600:.1f} h; "
+                  f"`bilevel_ssl.reproduce.plan_estimate_s`). It knows the shared runs of the {named} of "
+                  f"{len(records)} notebook runs that name their pre-training runs (`training_runs.runs`, recorded since 2026-12-08); the "
+                  "others count their empty-cache cost."]
+    if low:
+        lines += ["", "\"or more\": " + "; ".join(low) + ". Their empty-cache cost leaves out the training of "
+                  "whatever they loaded from the cache."]
+    if missing:
+        lines += ["", "No committed run: " + ", ".join(missing) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def render_readme(text: str, root: str | Path | None = None) -> str:
-    """``text`` with every results block re-generated by :func:`readme_block`."""
-    return BLOCK.sub(lambda m: f"<!-- results {m[1]} {m[2]} -->\n{readme_block(m[1], m[2], root)}<!-- /results -->",
+    """``text`` with every results block re-generated by :func:`readme_block` and every budget block by
+    :func:`budget_block`."""
+    text = BLOCK.sub(lambda m: f"<!-- results {m[1]} {m[2]} -->\n{readme_block(m[1], m[2], root)}<!-- /results -->",
                      text)
+    return BUDGET.sub(lambda m: f"<!-- budget {m[1]} -->\n{budget_block(m[1], root)}<!-- /budget -->", text)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bilevel_ssl.index", description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="", help="outputs folder (default: <repo>/outputs)")
-    ap.add_argument("--readme", default="", help="also rewrite this README's results blocks from the metrics")
+    ap.add_argument("--readme", default="", help="also rewrite this README's results and budget blocks from the metrics")
     ap.add_argument("--check", action="store_true", help="with --readme: only check, exit 1 if it differs")
     args = ap.parse_args(argv)
     if args.readme:
@@ -325,13 +408,13 @@ def main(argv: list[str] | None = None) -> int:
         new = render_readme(text, args.root or None)
         if args.check:
             if new != text:
-                print(f"[index] {path}: results blocks differ from the committed metrics; run "
+                print(f"[index] {path}: results or budget blocks differ from the committed metrics; run "
                       f"python -m bilevel_ssl.index --readme {path}", file=sys.stderr)
                 return 1
-            print(f"[index] {path}: results blocks match the metrics")
+            print(f"[index] {path}: results and budget blocks match the metrics")
             return 0
         path.write_text(new)
-        print(f"[index] rewrote the results blocks of {path}")
+        print(f"[index] rewrote the results and budget blocks of {path}")
     md_path, html_path = build(args.root or None)
     print(f"[index] wrote {md_path} and {html_path}")
     return 0

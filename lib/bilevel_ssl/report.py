@@ -69,13 +69,15 @@ def write_metrics(run_dir: str | Path, *, params: dict, results: dict, seed: int
     """Write ``<run_dir>/metrics.json``; ``results`` keys name model then metric
     (e.g. ``results["simclr"]["knn_acc"]``).  ``training_runs`` records how many of this process's
     :func:`~bilevel_ssl.cache.cached_train` calls trained and how many loaded a finished run from the encoder
-    cache (and how many seconds of training those loaded runs took where they were made), so that ``wall_time_s`` can
-    be read as the cost it was."""
+    cache (and how many seconds of training those loaded runs took where they were made; under ``runs``, each run's
+    :func:`~bilevel_ssl.cache.run_id` with its training seconds and whether it was loaded), so that ``wall_time_s``
+    can be read as the cost it was."""
     from .cache import RUN_COUNTS
 
     record = {"params": params, "seed": seed, "results": results, "versions": versions(), "git_sha": git_sha(),
               "machine": machine(), "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "training_runs": {k: round(v, 1) if isinstance(v, float) else v for k, v in RUN_COUNTS.items()},
+              "training_runs": {k: round(v, 1) if isinstance(v, float) else dict(v) if isinstance(v, dict) else v
+                                for k, v in RUN_COUNTS.items()},
               **extra}
     path = Path(run_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,9 @@ A run never silently replaces an earlier one: the previous ``outputs/<name>/<pro
 
 Before anything runs it prints an estimate (each notebook's last measured ``wall_time_s`` of this profile, from
 its ``metrics.json`` or the newest archived one, plus the training time of the runs that run loaded from the encoder
-cache, so that a run made from a full cache does not promise a fresh clone minutes for hours; a run that several
-notebooks share is counted in each, so their sum overstates one run in order) and then shows one overall progress
-bar in notebook-seconds.
+cache, so that a run made from a full cache does not promise a fresh clone minutes for hours; a pre-training run
+that several notebooks share counts once where their records name their runs, :func:`plan_estimate_s`) and then
+shows one overall progress bar in notebook-seconds.
 ``--resume`` skips every notebook whose ``metrics.json`` of this profile is complete and was written with the
 same parameters, so a killed ``make reproduce`` started again goes on where it stopped (training runs resume
 from their checkpoints in ``outputs/cache`` anyway).  ``--jobs N`` runs N notebooks at once, each in its own
@@ -128,24 +128,54 @@ def _last_record(name: str, profile: str) -> dict | None:
     return found
 
 
-def estimate_s(name: str, profile: str) -> float | None:
-    """What the last run of ``name`` under ``profile`` would cost with an empty encoder cache: its measured wall
-    time plus the training seconds of the runs it loaded from the cache (``training_runs.from_cache_train_s`` of its
-    ``metrics.json``; runs recorded before that field count 0, see :func:`unrecorded_loads`), or None when it never
-    ran here."""
-    found = _last_record(name, profile) or {}
-    t = found.get("wall_time_s")
+def fresh_cache_s(record: dict) -> float | None:
+    """What the run recorded in ``record`` (a ``metrics.json``) would cost with an empty encoder cache: its measured
+    wall time plus the training seconds of the runs it loaded from the cache (``training_runs.from_cache_train_s``;
+    runs recorded before that field count 0, see :func:`loads_unrecorded`), or None without a wall time."""
+    t = record.get("wall_time_s")
     if not isinstance(t, (int, float)):
         return None
-    loaded = (found.get("training_runs") or {}).get("from_cache_train_s")
+    loaded = (record.get("training_runs") or {}).get("from_cache_train_s")
     return float(t) + (float(loaded) if isinstance(loaded, (int, float)) else 0.0)
 
 
-def unrecorded_loads(name: str, profile: str) -> int:
-    """How many runs the last run of ``name`` loaded from the encoder cache without recording their training time
-    (metrics.json written before ``from_cache_train_s``): its estimate leaves their training out."""
-    runs = (_last_record(name, profile) or {}).get("training_runs") or {}
+def loads_unrecorded(record: dict) -> int:
+    """How many runs the run recorded in ``record`` loaded from the encoder cache without recording their training
+    time (``metrics.json`` written before ``from_cache_train_s``): :func:`fresh_cache_s` leaves their training out."""
+    runs = record.get("training_runs") or {}
     return int(runs.get("from_cache", 0)) if "from_cache_train_s" not in runs else 0
+
+
+def plan_estimate_s(records: list[dict]) -> float:
+    """What the runs recorded in ``records`` (one ``metrics.json`` per notebook) cost in one ``make reproduce`` from
+    an empty encoder cache: each notebook's wall time less the training it did itself, plus the training of every
+    pre-training run once - a run that several notebooks share (one :func:`~bilevel_ssl.cache.run_id` in their
+    ``training_runs.runs``) trains in the first of them and loads in the others.  A record without
+    ``training_runs.runs`` (written before 2026-12-08) counts its :func:`fresh_cache_s`, shared runs included, so
+    the estimate is only as exact as its records are recent; records without a wall time count 0."""
+    total, once = 0.0, {}
+    for record in records:
+        fresh = fresh_cache_s(record)
+        runs = (record.get("training_runs") or {}).get("runs")
+        if fresh is None:
+            continue
+        if not isinstance(runs, dict):
+            total += fresh
+            continue
+        total += float(record["wall_time_s"]) - sum(float(r["train_s"]) for r in runs.values() if not r["loaded"])
+        for rid, r in runs.items():
+            once.setdefault(rid, float(r["train_s"]))
+    return total + sum(once.values())
+
+
+def estimate_s(name: str, profile: str) -> float | None:
+    """:func:`fresh_cache_s` of the last run of ``name`` under ``profile``, or None when it never ran here."""
+    return fresh_cache_s(_last_record(name, profile) or {})
+
+
+def unrecorded_loads(name: str, profile: str) -> int:
+    """:func:`loads_unrecorded` of the last run of ``name`` under ``profile``."""
+    return loads_unrecorded(_last_record(name, profile) or {})
 
 
 def is_done(name: str, params: dict, profile: str) -> bool:
@@ -195,9 +225,12 @@ def run(names: list[str], profile: str, *, log_output: bool = False, resume: boo
     est = {n: estimate_s(n, profile) for n, _ in plan}
     known = {n: t for n, t in est.items() if t is not None}
     unknown = [n for n, t in est.items() if t is None]
+    once = plan_estimate_s([_last_record(n, profile) or {} for n in known])
+    shared = (f" ({_fmt(sum(known.values()) / jobs)} if each notebook trained its shared pre-training runs again)"
+              if known and once < sum(known.values()) - 30 else "")
     print(f"[reproduce] {len(plan)} notebook(s), profile {profile}, {threads} CPU threads per notebook "
           f"(BILEVEL_SSL_THREADS), {jobs} at a time; estimate from the last runs here: "
-          f"{_fmt(sum(known.values()) / jobs) if known else 'none'}"
+          f"{_fmt(once / jobs) if known else 'none'}{shared}"
           + (f" + {', '.join(unknown)} (never ran here)" if unknown else ""), flush=True)
     low = {n: k for n, _ in plan if (k := unrecorded_loads(n, profile))}
     if low:
