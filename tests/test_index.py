@@ -145,6 +145,7 @@ def test_budget_block_brackets_make_reproduce_from_the_committed_run_times(tmp_p
     for nb in ("00_a", "10_b", "11_c", "12_d", "13_e", "99_never"):
         (tmp_path / "notebooks" / f"{nb}.ipynb").write_text("{}")
     _run(outputs, "00_a", "default", {"wall_time_s": 150.0, "git_sha": "abcdef123456", "written": "2026-12-07T20:32",
+                                      "machine": {"cpus": 2, "torch_threads": 2, "cpu_capability": "AVX512"},
                                       "training_runs": {"trained": 0, "from_cache": 0, "from_cache_train_s": 0.0}})
     _run(outputs, "10_b", "default", {"wall_time_s": 1200.0, "training_runs": {"trained": 6, "from_cache": 0,
                                                                                "from_cache_train_s": 0.0}})
@@ -155,13 +156,13 @@ def test_budget_block_brackets_make_reproduce_from_the_committed_run_times(tmp_p
     _run(outputs, "13_e", "default", {"wall_time_s": 60.0})  # before training_runs existed
     _run(outputs, "10_b", "smoke", {"wall_time_s": 9999.0})  # another profile: not counted
     block = budget_block("default", outputs)
-    assert "| 00_a | 2 min 30 s | – (trains outside the cache) | – | 2 min 30 s | abcdef1 | 2026-12-07 |" in block
+    assert "| 00_a | 2 min 30 s | – (trains outside the cache) | – | 2 min 30 s | 2 CPUs, 2 threads, AVX512 | abcdef1 | 2026-12-07 |" in block
     assert "| 10_b | 20 min | 6 / 0 | – | 20 min |" in block
     assert "| 11_c | 2 min | 0 / 9 | 30 min | 32 min |" in block
     assert "| 12_d | 10 min | 2 / 22 | not recorded | 10 min or more |" in block
     assert "| 13_e | 1 min | not recorded | not recorded | 1 min or more |" in block
     # run times 150 + 1200 + 120 + 600 + 60 = 2130 s; empty cache + 1800 s = 3930 s
-    assert "| **sum** | **36 min** (0.6 h) |  |  | **66 min** (1.1 h) or more |  |  |" in block
+    assert "| **sum** | **36 min** (0.6 h) |  |  | **66 min** (1.1 h) or more |  |  |  |" in block
     assert ("\"or more\": 12_d (loaded 22 runs without recording their training time); 13_e (recorded no "
             "`training_runs`).") in block
     assert "No committed run: 99_never." in block

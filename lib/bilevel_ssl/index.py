@@ -319,6 +319,16 @@ def _minutes(seconds: float) -> str:
     return f"{m} min {s} s" if m and s else f"{m} min" if m else f"{s} s"
 
 
+def _machine(record: dict) -> str:
+    """``2 CPUs, 2 threads, AVX512`` (or the CUDA device) from ``metrics.json`` ``machine``."""
+    m = record.get("machine") or {}
+    if m.get("cuda"):
+        return str(m["cuda"])
+    return ", ".join(x for x in (f"{m['cpus']} CPUs" if m.get("cpus") else "",
+                                 f"{m['torch_threads']} threads" if m.get("torch_threads") else "",
+                                 str(m.get("cpu_capability") or "")) if x) or "?"
+
+
 def budget_block(profile: str, root: str | Path | None = None) -> str:
     """The generated body of a README ``<!-- budget PROFILE -->`` block: what each notebook's committed run of
     ``profile`` took (``wall_time_s``), how many of its pre-training runs it trained and how many it loaded from the
@@ -333,7 +343,7 @@ def budget_block(profile: str, root: str | Path | None = None) -> str:
     runs = {nb: by[profile] for nb, by in _runs(root).items() if profile in by}
     names = sorted({*runs, *(p.stem for p in (root.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))})
     header = ["notebook", "run time", "pre-training runs trained / loaded", "training of the loaded runs",
-              "with an empty cache", "commit", "written"]
+              "with an empty cache", "machine", "commit", "written"]
     rows, wall_sum, fresh_sum, missing, low, records = [], 0.0, 0.0, [], [], []
     for name in names:
         if name not in runs:
@@ -363,13 +373,13 @@ def budget_block(profile: str, root: str | Path | None = None) -> str:
         wall_sum, fresh_sum = wall_sum + wall, fresh_sum + fresh
         records.append(record)
         rows.append([name, _minutes(wall), counted, loaded, _minutes(fresh) + (" or more" if unknown else ""),
-                     str(record.get("git_sha", "?"))[:7], str(record.get("written", "?"))[:10]])
+                     _machine(record), str(record.get("git_sha", "?"))[:7], str(record.get("written", "?"))[:10]])
     if not rows:
         return f"_No committed `{profile}` run yet: `make reproduce PROFILE={profile}`._\n"
     rows.append(["**sum**", f"**{_minutes(wall_sum)}** ({wall_sum / 3600:.1f} h)", "", "",
-                 f"**{_minutes(fresh_sum)}** ({fresh_sum / 3600:.1f} h)" + (" or more" if low else ""), "", ""])
+                 f"**{_minutes(fresh_sum)}** ({fresh_sum / 3600:.1f} h)" + (" or more" if low else ""), "", "", ""])
     lines = [f"From each notebook's committed `outputs/<notebook>/{profile}/metrics.json` (`wall_time_s`, "
-             "`training_runs`, `git_sha`, `written`); 2 threads per notebook. The run times add runs that loaded "
+             "`training_runs`, `machine`, `git_sha`, `written`). The run times add runs that loaded "
              "from the encoder cache what an earlier run had trained, so their sum is low; \"with an empty cache\" adds "
              "the training time of those loaded runs, and counts a run shared by several notebooks in each, so "
              "its sum is high for one `make reproduce` in order.", "", _md_table(header, rows).rstrip()]
@@ -378,8 +388,8 @@ def budget_block(profile: str, root: str | Path | None = None) -> str:
         lines += ["", f"One `make reproduce` in order, each pre-training run that notebooks share trained once: "
                   f"**{_minutes(plan_estimate_s(records))}** ({plan_estimate_s(records) / 3600:.1f} h; "
                   f"`bilevel_ssl.reproduce.plan_estimate_s`). It knows the shared runs of the {named} of "
-                  f"{len(records)} notebook runs that name their pre-training runs (`training_runs.runs`, recorded since 2026-12-08); the "
-                  "others count their empty-cache cost."]
+                  f"{len(records)} notebook runs that name their pre-training runs (`training_runs.runs`, recorded "
+                  "since 2026-12-08); the others count their empty-cache cost."]
     if low:
         lines += ["", "\"or more\": " + "; ".join(low) + ". Their empty-cache cost leaves out the training of "
                   "whatever they loaded from the cache."]
