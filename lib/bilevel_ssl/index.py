@@ -365,11 +365,12 @@ def budget_block(profile: str, root: str | Path | None = None) -> str:
         else:
             counted = (f"{tr.get('trained', 0)} / {tr.get('from_cache', 0)}" if tr.get("trained") or tr.get("from_cache")
                        else "– (trains outside the cache)")
-            unknown = loads_unrecorded(record) > 0
+            unrecorded = loads_unrecorded(record)
+            unknown = unrecorded > 0
             loaded = ("not recorded" if unknown else _minutes(float(tr.get("from_cache_train_s") or 0.0))
                       if tr.get("from_cache") else "–")
             if unknown:
-                low.append(f"{name} (loaded {loads_unrecorded(record)} runs without recording their training time)")
+                low.append(f"{name} (loaded {unrecorded} runs without recording their training time)")
         wall_sum, fresh_sum = wall_sum + wall, fresh_sum + fresh
         records.append(record)
         rows.append([name, _minutes(wall), counted, loaded, _minutes(fresh) + (" or more" if unknown else ""),
@@ -385,8 +386,9 @@ def budget_block(profile: str, root: str | Path | None = None) -> str:
              "its sum is high for one `make reproduce` in order.", "", _md_table(header, rows).rstrip()]
     named = sum(isinstance((r.get("training_runs") or {}).get("runs"), dict) for r in records)
     if named:
+        once = plan_estimate_s(records)
         lines += ["", f"One `make reproduce` in order, each pre-training run that notebooks share trained once: "
-                  f"**{_minutes(plan_estimate_s(records))}** ({plan_estimate_s(records) / 3600:.1f} h; "
+                  f"**{_minutes(once)}** ({once / 3600:.1f} h; "
                   f"`bilevel_ssl.reproduce.plan_estimate_s`). It knows the shared runs of the {named} of "
                   f"{len(records)} notebook runs that name their pre-training runs (`training_runs.runs`, recorded "
                   "since 2026-12-08); the others count their empty-cache cost."]

@@ -222,17 +222,18 @@ def run(names: list[str], profile: str, *, log_output: bool = False, resume: boo
     from .runtime import pin_threads
 
     threads = pin_threads()  # the kernels inherit OMP_NUM_THREADS: results do not depend on the machine's load
-    est = {n: estimate_s(n, profile) for n, _ in plan}
+    records = {n: _last_record(n, profile) or {} for n, _ in plan}  # each metrics.json read once
+    est = {n: fresh_cache_s(r) for n, r in records.items()}
     known = {n: t for n, t in est.items() if t is not None}
     unknown = [n for n, t in est.items() if t is None]
-    once = plan_estimate_s([_last_record(n, profile) or {} for n in known])
+    once = plan_estimate_s([records[n] for n in known])
     shared = (f" ({_fmt(sum(known.values()) / jobs)} if each notebook trained its shared pre-training runs again)"
               if known and once < sum(known.values()) - 30 else "")
     print(f"[reproduce] {len(plan)} notebook(s), profile {profile}, {threads} CPU threads per notebook "
           f"(BILEVEL_SSL_THREADS), {jobs} at a time; estimate from the last runs here: "
           f"{_fmt(once / jobs) if known else 'none'}{shared}"
           + (f" + {', '.join(unknown)} (never ran here)" if unknown else ""), flush=True)
-    low = {n: k for n, _ in plan if (k := unrecorded_loads(n, profile))}
+    low = {n: k for n, r in records.items() if (k := loads_unrecorded(r))}
     if low:
         print("[reproduce] the estimate is low for " + ", ".join(
             f"{n} (its last run loaded {k} pre-training runs from the encoder cache and did not record their "
